@@ -1,0 +1,272 @@
+"""Grade a folder of submissions: run, verify, score, write grades.csv and the gradebook.
+
+    python -m autograder grade LAB SUBMISSIONS --out grades.csv --jobs N
+
+SUBMISSIONS holds ``<student>/<LAB>/<notebook>.ipynb`` as nbgrader collects them. Each
+submission is graded on its own (``grade_submission``): read (or ``not_gradable`` with a
+reason), sanitised against the source notebook, executed by ``runner.execute_notebook``
+with a per-submission seed, and its recorded checks verified outside the kernel. The
+submissions run ``--jobs`` at a time; one that crashes, hangs or exits loses only the checks
+it did not reach. Then, in one process, the verdicts are written to the nbgrader gradebook
+through ``nbgrader autograde`` (with ``ApplyVerdicts`` in place of its executor).
+A fault of the grader itself gives status ``error`` (retry it), never a silent zero.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import shutil
+import sys
+import traceback
+
+from . import course
+from .notebook import NotGradable, grade_cells, read_notebook, sanitize
+from .runner import execute_notebook
+from .verify import verify_check
+
+CSV_COLUMNS = ["student", "lab", "score", "max_score", "status", "message"]
+
+
+@dataclasses.dataclass
+class SubmissionResult:
+    student: str
+    lab: str
+    status: str  # graded | not_gradable | error
+    score: float = 0.0
+    max_score: float = 0.0
+    message: str = ""
+    cells: dict = dataclasses.field(default_factory=dict)  # grade_id -> score, max, message
+    out_dir: str = ""
+
+    def row(self) -> dict:
+        return {"student": self.student, "lab": self.lab, "score": round(self.score, 2),
+                "max_score": round(self.max_score, 2), "status": self.status,
+                "message": self.message}
+
+    def executed_cells(self) -> list[dict]:
+        """The executed notebook's cells, read as untrusted data (empty if unreadable)."""
+        from .verify import _read_capped
+        try:
+            nb = json.loads(_read_capped(os.path.join(self.out_dir, "executed.ipynb"), 64 * 2**20))
+            cells = nb["cells"]
+            return [c if isinstance(c, dict) else {} for c in cells]
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+
+
+def course_secret(workdir: str) -> bytes:
+    """The key behind every seed: ``$AUTOGRADER_SECRET`` or ``<workdir>/secret`` (created once)."""
+    if os.environ.get("AUTOGRADER_SECRET"):
+        return os.environ["AUTOGRADER_SECRET"].encode()
+    path = os.path.join(workdir, "secret")
+    if not os.path.exists(path):
+        os.makedirs(workdir, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    with open(path) as f:
+        return f.read().strip().encode()
+
+
+def submission_seed(secret: bytes, student: str, lab: str) -> int:
+    """Inputs differ per student and lab, are the same on a regrade, and cannot be guessed."""
+    digest = hmac.new(secret, f"{student}/{lab}".encode(), hashlib.sha256).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def _result_dir(workdir: str, student: str, lab: str) -> str:
+    return os.path.join(workdir, "results", student, lab)
+
+
+def load_result(workdir: str, student: str, lab: str) -> SubmissionResult | None:
+    path = os.path.join(_result_dir(workdir, student, lab), "result.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return SubmissionResult(**json.load(f))
+
+
+def _save_result(result: SubmissionResult, workdir: str) -> None:
+    d = _result_dir(workdir, result.student, result.lab)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "result.json"), "w") as f:
+        json.dump(dataclasses.asdict(result), f, indent=1)
+
+
+def _score(lab: str, source_nb: dict, seed: int, records: str) -> tuple[float, float, dict, list]:
+    """Per grade cell: points × mean fraction of the cases of its checks that passed."""
+    cells, failing = {}, []
+    total = maximum = 0.0
+    for gc in grade_cells(source_nb):
+        results = [verify_check(lab, name, seed, records) for name in gc.checks]
+        fraction = sum(r.fraction for r in results) / len(results) if results else 0.0
+        score = round(gc.points * fraction, 3)
+        lines = [f"{gc.grade_id}: {score:g} / {gc.points:g} points"]
+        lines += [r.summary() for r in results]
+        if not results:
+            lines.append("(this cell calls no check; it scores 0 — tell your instructor)")
+        cells[gc.grade_id] = {"score": score, "max": gc.points, "message": "\n".join(lines)}
+        failing += [r.name for r in results if not r.ok]
+        total += score
+        maximum += gc.points
+    return total, maximum, cells, failing
+
+
+def grade_submission(lab: str, student: str, nb_path: str, *, workdir: str = course.DEFAULT_WORKDIR,
+                     timeout: float = 600, cell_timeout: int = 300, threads: int = 1,
+                     sandbox=None) -> SubmissionResult:
+    """Grade one notebook; never raises for anything the submission does."""
+    out_dir = _result_dir(workdir, student, lab)
+    try:
+        try:
+            student_nb = read_notebook(nb_path)
+        except NotGradable as exc:
+            return SubmissionResult(student, lab, "not_gradable", message=str(exc), out_dir=out_dir)
+        with open(course.source_notebook(lab)) as f:
+            source_nb = json.load(f)
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        work = os.path.join(out_dir, "work")
+        os.makedirs(work)
+        src_dir = os.path.dirname(course.source_notebook(lab))
+        for name in os.listdir(src_dir):  # the lab's small assets, never its notebook
+            if not name.endswith(".ipynb") and os.path.isfile(os.path.join(src_dir, name)):
+                shutil.copy(os.path.join(src_dir, name), work)
+        nb_run = os.path.join(work, f"{lab}.ipynb")
+        with open(nb_run, "w") as f:
+            json.dump(sanitize(student_nb, source_nb), f)
+        seed = submission_seed(course_secret(workdir), student, lab)
+        run = execute_notebook(nb_run, out_dir, lab, seed, timeout=timeout,
+                               cell_timeout=cell_timeout, threads=threads, sandbox=sandbox)
+        score, maximum, cells, failing = _score(lab, source_nb, seed, os.path.join(out_dir, "records"))
+        notes = {"completed": "", "kernel_died": "the kernel died (os._exit, a crash or out of "
+                 "memory?); checks after that point were not run",
+                 "timeout": f"stopped: {run.detail}; checks after that point were not run",
+                 "executor_error": f"the notebook could not be run: {run.detail}"}
+        parts = [notes.get(run.ended, run.ended)]
+        parts.append("all checks passed" if not failing else "failed: " + ", ".join(failing))
+        result = SubmissionResult(student, lab, "graded", score, maximum,
+                                  "; ".join(p for p in parts if p), cells, out_dir)
+    except Exception as exc:  # our fault, not the student's: retryable
+        result = SubmissionResult(student, lab, "error",
+                                  message=f"grader error (retry): {type(exc).__name__}: {exc}",
+                                  out_dir=out_dir)
+        traceback.print_exc(file=sys.stderr)
+    _save_result(result, workdir)
+    return result
+
+
+def find_submissions(lab: str, folder: str) -> list[tuple[str, str | None, str]]:
+    """(student, notebook path or None, note) for every ``<student>/<lab>/`` in ``folder``."""
+    found = []
+    for student in sorted(os.listdir(folder)):
+        lab_dir = os.path.join(folder, student, lab)
+        if not os.path.isdir(lab_dir):
+            continue
+        notebooks = sorted(n for n in os.listdir(lab_dir) if n.endswith(".ipynb"))
+        if f"{lab}.ipynb" in notebooks:
+            found.append((student, os.path.join(lab_dir, f"{lab}.ipynb"), ""))
+        elif len(notebooks) == 1:
+            found.append((student, os.path.join(lab_dir, notebooks[0]),
+                          f"graded {notebooks[0]} (expected {lab}.ipynb)"))
+        elif not notebooks:
+            found.append((student, None, f"no notebook in {student}/{lab}/; submit {lab}.ipynb"))
+        else:
+            found.append((student, None, f"{len(notebooks)} notebooks and none named {lab}.ipynb; "
+                                         "submit exactly one"))
+    return found
+
+
+def write_gradebook(lab: str, results: list[SubmissionResult], workdir: str) -> dict[str, str]:
+    """Put graded results into the nbgrader gradebook; returns {student: error} for failures."""
+    from nbgrader.apps import NbGraderAPI
+
+    config = course.nbgrader_config(workdir=workdir, release_dir=os.path.join(workdir, "release"))
+    api = NbGraderAPI(config=config)
+    setup = api.generate_assignment(lab, force=True, create=True)
+    if not setup["success"]:
+        raise RuntimeError(f"nbgrader generate_assignment failed:\n{setup.get('log', '')[-3000:]}{setup.get('error') or ''}")
+    errors = {}
+    for r in results:
+        if r.status != "graded":
+            continue
+        dest = os.path.join(workdir, "submitted", r.student, lab)
+        os.makedirs(dest, exist_ok=True)
+        shutil.copy(os.path.join(r.out_dir, "work", f"{lab}.ipynb"), os.path.join(dest, f"{lab}.ipynb"))
+        out = api.autograde(lab, r.student, force=True, create=True)
+        if not out["success"]:
+            errors[r.student] = (out.get("error") or out.get("log") or "")[-1500:]
+    return errors
+
+
+def grade_folder(lab: str, folder: str, out_csv: str, *, jobs: int = 1,
+                 workdir: str = course.DEFAULT_WORKDIR, timeout: float = 600,
+                 gradebook: bool = True, sandbox=None, progress: bool = True) -> list[SubmissionResult]:
+    """Grade every submission of ``lab`` in ``folder``; write ``out_csv``; return the results."""
+    from tqdm.auto import tqdm
+
+    course.source_notebook(lab)  # fail early on an unknown lab
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    subs = find_submissions(lab, folder)
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    results: dict[str, SubmissionResult] = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {}
+        for student, path, note in subs:
+            if path is None:
+                results[student] = SubmissionResult(student, lab, "not_gradable", message=note)
+                continue
+            fut = pool.submit(grade_submission, lab, student, path, workdir=workdir,
+                              timeout=timeout, threads=threads, sandbox=sandbox)
+            futures[fut] = (student, note)
+        bar = tqdm(total=len(subs), desc=f"grading {lab}", unit="nb", disable=not progress,
+                   initial=len(results))
+        for fut in concurrent.futures.as_completed(futures):
+            student, note = futures[fut]
+            try:
+                r = fut.result()
+            except Exception as exc:  # a worker fault: retryable, never a zero
+                r = SubmissionResult(student, lab, "error", message=f"grader error (retry): {exc}")
+            if note and r.status == "graded":
+                r.message = f"{note}; {r.message}"
+            results[student] = r
+            bar.update(1)
+        bar.close()
+    ordered = [results[s] for s, _, _ in subs]
+    if gradebook and any(r.status == "graded" for r in ordered):
+        try:
+            failed = write_gradebook(lab, ordered, workdir)
+        except Exception as exc:
+            failed = {r.student: str(exc) for r in ordered if r.status == "graded"}
+        for r in ordered:
+            if r.student in failed:
+                r.status = "error"
+                r.message = f"graded {r.score:g}/{r.max_score:g} but the gradebook write failed " \
+                            f"(retry): {failed[r.student].strip().splitlines()[-1] if failed[r.student].strip() else ''}"
+    tmp = out_csv + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        for r in ordered:
+            w.writerow(r.row())
+    os.replace(tmp, out_csv)
+    return ordered
+
+
+def format_table(results: list[SubmissionResult]) -> str:
+    """The gradebook as a plain-text table for the terminal."""
+    rows = [["student", "score", "status", "message"]]
+    for r in results:
+        score = f"{r.score:g}/{r.max_score:g}" if r.status == "graded" else "-"
+        rows.append([r.student, score, r.status, r.message[:90]])
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""nbgrader preprocessors that put the autograder's verdicts into the gradebook.
+
+``ApplyVerdicts`` replaces nbgrader's ``Execute`` in ``nbgrader autograde``. For each
+submission it uses the result the autograder's runner left in
+``<workdir>/results/<student>/<lab>/`` (from ``python -m autograder grade``) or, when there
+is none, grades the submission itself. It then copies the executed outputs back cell by
+cell where the source is unchanged, keeping only safe MIME types, and gives every
+autograded cell exactly one stdout message and one numeric result — nothing on stderr —
+which nbgrader's ``SaveAutoGrades`` turns into that cell's (partial) score.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from nbformat.v4 import new_output
+from nbgrader.preprocessors import NbGraderPreprocessor
+from traitlets import Unicode
+
+SAFE_MIME = ("text/plain", "image/png", "image/jpeg")
+MAX_OUTPUT_CHARS = 20_000
+
+
+def safe_outputs(outputs: list) -> list:
+    """Student outputs reduced to streams, errors and plain text or images, size-capped."""
+    kept = []
+    for out in outputs or []:
+        if not isinstance(out, dict):
+            continue
+        kind = out.get("output_type")
+        if kind == "stream" and out.get("name") in ("stdout", "stderr"):
+            text = out.get("text", "")
+            text = "".join(text) if isinstance(text, list) else str(text)
+            kept.append(new_output("stream", name=out["name"], text=text[:MAX_OUTPUT_CHARS]))
+        elif kind in ("display_data", "execute_result"):
+            data = {k: v for k, v in (out.get("data") or {}).items() if k in SAFE_MIME}
+            data = {k: ("".join(v) if isinstance(v, list) else str(v))[:4 * 2**20]
+                    for k, v in data.items()}
+            if data:
+                kept.append(new_output("display_data", data=data))
+        elif kind == "error":
+            tb = [str(line)[:2000] for line in (out.get("traceback") or [])][-20:]
+            kept.append(new_output("error", ename=str(out.get("ename", ""))[:200],
+                                   evalue=str(out.get("evalue", ""))[:2000], traceback=tb))
+    return kept
+
+
+class ApplyVerdicts(NbGraderPreprocessor):
+    """Fill grade cells with the autograder's verdicts (replaces nbgrader's Execute)."""
+
+    workdir = Unicode("", help="The autograder's grading folder.").tag(config=True)
+
+    def preprocess(self, nb, resources):
+        from .grade import grade_submission, load_result
+
+        student = resources["nbgrader"]["student"]
+        lab = resources["nbgrader"]["assignment"]
+        result = load_result(self.workdir, student, lab)
+        if result is None:  # `nbgrader autograde` run directly: grade it now
+            path = os.path.join(resources["metadata"]["path"], f"{resources['nbgrader']['notebook']}.ipynb")
+            result = grade_submission(lab, student, path, workdir=self.workdir)
+        if result.status != "graded":
+            raise RuntimeError(f"{student}/{lab} could not be graded: {result.message}")
+        executed = result.executed_cells()
+        by_grade_id = result.cells
+        for i, cell in enumerate(nb.cells):
+            meta = cell.metadata.get("nbgrader", {})
+            gid = meta.get("grade_id")
+            if cell.cell_type != "code":
+                continue
+            if meta.get("grade") and not meta.get("solution") and gid in by_grade_id:
+                verdict = by_grade_id[gid]
+                cell.outputs = [
+                    new_output("stream", name="stdout", text=verdict["message"] + "\n"),
+                    new_output("execute_result", data={"text/plain": repr(float(verdict["score"]))},
+                               execution_count=None),
+                ]
+            elif i < len(executed) and executed[i].get("source") == cell.source:
+                cell.outputs = safe_outputs(executed[i].get("outputs"))
+            else:
+                cell.outputs = []
+        return nb, resources

@@ -1,0 +1,134 @@
+"""Reading submitted notebooks without trusting them.
+
+``read_notebook`` parses the JSON (no nbformat schema validation: it is slow and a
+student's notebook must not crash the grader) and raises ``NotGradable`` with a reason a
+student can act on. ``sanitize`` rebuilds the notebook the kernel will run: the student's
+own cells and answers in their order, every graded and locked cell restored from the
+instructor's source (so hidden tests are present and edited tests are undone), cells that
+were deleted put back. ``grade_cells`` lists the source's autograded cells with their
+points and the checks their hidden tests call.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import re
+
+MAX_NOTEBOOK_BYTES = 32 * 2**20
+_CHECK_CALL = re.compile(r"""\bcheck\(\s*["']([A-Za-z_][A-Za-z0-9_]*)["']""")
+
+
+class NotGradable(Exception):
+    """The submission cannot be read as the lab's notebook; the message says why."""
+
+
+def read_notebook(path: str) -> dict:
+    """Parse a notebook file into a dict, or raise ``NotGradable`` saying what is wrong."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_NOTEBOOK_BYTES + 1)
+    except OSError as exc:
+        raise NotGradable(f"cannot open {path}: {exc.strerror}") from None
+    if len(raw) > MAX_NOTEBOOK_BYTES:
+        raise NotGradable(f"the notebook is over {MAX_NOTEBOOK_BYTES // 2**20} MB; clear the "
+                          "outputs (Edit > Clear Outputs of All Cells), save, and resubmit")
+    try:
+        nb = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise NotGradable(f"the file is not valid notebook JSON ({exc}); open it in "
+                          "JupyterLab, or re-download the lab and copy your answers in") from None
+    if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
+        raise NotGradable("the file is JSON but not a notebook (no list of cells)")
+    if nb.get("nbformat") != 4:
+        raise NotGradable(f"notebook format {nb.get('nbformat')!r} is not supported; save it "
+                          "with JupyterLab 4 (nbformat 4)")
+    for i, cell in enumerate(nb["cells"]):
+        if not isinstance(cell, dict) or cell.get("cell_type") not in ("code", "markdown", "raw"):
+            raise NotGradable(f"cell {i} is not a valid notebook cell")
+    return nb
+
+
+def cell_source(cell: dict) -> str:
+    src = cell.get("source", "")
+    return "".join(src) if isinstance(src, list) else str(src)
+
+
+def nbgrader_meta(cell: dict) -> dict:
+    meta = cell.get("metadata", {})
+    meta = meta.get("nbgrader", {}) if isinstance(meta, dict) else {}
+    return meta if isinstance(meta, dict) else {}
+
+
+@dataclasses.dataclass
+class GradeCell:
+    grade_id: str
+    points: float
+    checks: list[str]
+
+
+def grade_cells(source_nb: dict) -> list[GradeCell]:
+    """The autograded cells of the instructor's source notebook, in order."""
+    cells = []
+    for cell in source_nb["cells"]:
+        meta = nbgrader_meta(cell)
+        if cell.get("cell_type") == "code" and meta.get("grade") and not meta.get("solution"):
+            checks = _CHECK_CALL.findall(cell_source(cell))
+            cells.append(GradeCell(meta["grade_id"], float(meta.get("points", 0)), checks))
+    return cells
+
+
+def sanitize(student_nb: dict, source_nb: dict) -> dict:
+    """The notebook to execute: the student's answers inside the instructor's frame.
+
+    - a cell whose grade_id names a locked or autograded source cell is replaced by that
+      source cell (edited tests are undone, hidden tests come back);
+    - a cell whose grade_id names a source solution cell keeps the student's code with the
+      source's metadata;
+    - a duplicate or unknown grade_id makes the cell an ordinary student cell;
+    - source cells missing from the submission are inserted after the nearest earlier
+      source cell that is present (or at the end).
+    Outputs are cleared; the student's metadata is dropped.
+    """
+    src_cells = source_nb["cells"]
+    src_by_id = {nbgrader_meta(c).get("grade_id"): (i, c) for i, c in enumerate(src_cells)
+                 if nbgrader_meta(c).get("grade_id")}
+    out: list[tuple[int | None, dict]] = []  # (source index or None, cell)
+    seen = set()
+    for cell in student_nb["cells"]:
+        gid = nbgrader_meta(cell).get("grade_id")
+        ctype = cell.get("cell_type")
+        if gid in src_by_id and gid not in seen and src_cells[src_by_id[gid][0]]["cell_type"] == ctype:
+            seen.add(gid)
+            i, src = src_by_id[gid]
+            smeta = nbgrader_meta(src)
+            new = copy.deepcopy(src)
+            if smeta.get("solution") and not smeta.get("locked"):
+                new["source"] = cell_source(cell)  # the student's answer
+            out.append((i, new))
+        else:
+            new = {"cell_type": ctype if ctype in ("code", "markdown") else "raw",
+                   "metadata": {}, "source": cell_source(cell)}
+            out.append((None, new))
+    for gid, (i, src) in sorted(src_by_id.items(), key=lambda kv: kv[1][0]):
+        if gid in seen:
+            continue
+        # after the last present cell whose source index is below i
+        pos = 0
+        for j, (si, _) in enumerate(out):
+            if si is not None and si < i:
+                pos = j + 1
+        out.insert(pos, (i, copy.deepcopy(src)))
+    cells = []
+    for n, (_, cell) in enumerate(out):
+        cell = dict(cell)
+        cell["id"] = f"cell-{n}"
+        if cell["cell_type"] == "code":
+            cell["outputs"] = []
+            cell["execution_count"] = None
+        else:
+            cell.pop("outputs", None)
+            cell.pop("execution_count", None)
+        cells.append(cell)
+    return {"cells": cells, "metadata": copy.deepcopy(source_nb.get("metadata", {})),
+            "nbformat": 4, "nbformat_minor": 5}

@@ -1,0 +1,120 @@
+"""KV cache: the prompt phase, the generation phase and the memory they keep.
+
+Lecture: «KV-Cache». A decoder computes, for every token x_i and every layer,
+
+    q_i = W_q x_i,   k_i = W_k x_i,   v_i = W_v x_i,
+    a_ij = exp(q_iᵀ k_j / √d) / Σ_{t ≤ i} exp(q_iᵀ k_t / √d),   o_i = Σ_{j ≤ i} a_ij v_j .
+
+Token i needs the keys and values of every earlier token, and those never change. So:
+
+- the **prompt phase** (prefill) runs all n prompt tokens through the model at once —
+  parallel, matrix-matrix work — and stores k_1..k_n, v_1..v_n of every layer;
+- the **generation phase** (decode) feeds one new token at a time, computes only its own
+  q, k, v, appends k, v to the cache *before* attending, and reads the rest from the cache:
+  vector-matrix work, bound by reading the cache and the weights from memory.
+
+Design, as in nanochat's ``engine.py``: the cache is preallocated once per layer,
+``(n_layer, B, H, T_max, d)``, and ``update`` writes in place and returns views up to
+the current length; ``seq_len`` advances after the last layer has written, so every layer
+of one forward call sees the same position offset (``GPT.forward`` reads it once).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: ``k``, ``v`` are (L, B, H, T_max, d)."""
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, max_seq_len: int, head_dim: int,
+                 dtype=torch.float32, device=None):
+        shape = (n_layer, batch, n_head, max_seq_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, H, T_max, d)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, H, T_max, d)
+        self.n_layer = n_layer
+        self.max_seq_len = max_seq_len
+        self.seq_len = 0  # tokens cached by completed forward calls
+
+    @classmethod
+    def for_model(cls, config, batch: int, max_seq_len: int, dtype=torch.float32, device=None):
+        """A cache sized for a ``GPTConfig``."""
+        return cls(config.n_layer, batch, config.n_head, max_seq_len,
+                   config.d_model // config.n_head, dtype=dtype, device=device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Append ``k, v`` (B, H, T_new, d) to ``layer``; return all of its keys and values."""
+        t0, t1 = self.seq_len, self.seq_len + k.shape[2]
+        if t1 > self.max_seq_len:
+            raise ValueError(f"KVCache is full: {t1} tokens > max_seq_len={self.max_seq_len}; "
+                             "allocate the cache for prompt length + max_new_tokens")
+        self.k[layer, :, :, t0:t1] = k
+        self.v[layer, :, :, t0:t1] = v
+        if layer == self.n_layer - 1:  # the forward call is done with this position range
+            self.seq_len = t1
+        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]  # (B, H, t1, d) each
+
+    def nbytes(self) -> int:
+        """Bytes this cache holds (both tensors, the whole preallocation)."""
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+
+def kv_cache_bytes(config, batch: int, seq_len: int, dtype=torch.float16) -> int:
+    """Bytes of keys and values for ``batch`` sequences of ``seq_len`` tokens.
+
+    2 (k and v) · n_layer · batch · seq_len · n_head · head_dim · bytes per element,
+    where n_head · head_dim = d_model. For OPT-13B (40 layers, d_model 5120) in fp16 this is
+    800 KB per token: a 2,048-token sequence holds 1.6 GB.
+    """
+    head_dim = config.d_model // config.n_head
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.n_layer * batch * seq_len * config.n_head * head_dim * itemsize
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The lecture's attention for T new queries over S ≥ T cached keys and values.
+
+    q: (B, H, T, d), k and v: (B, H, S, d), where the T queries are the *last* T positions
+    of the S: query i sits at absolute position S − T + i and may attend to keys 0..S−T+i.
+    Returns o: (B, H, T, d).
+    """
+    T, S, d = q.shape[2], k.shape[2], q.shape[3]
+    scores = q @ k.transpose(-2, -1) / math.sqrt(d)  # (B, H, T, S): q_iᵀ k_j / √d
+    pos_q = torch.arange(S - T, S, device=q.device)[:, None]  # (T, 1) absolute positions
+    pos_k = torch.arange(S, device=q.device)[None, :]  # (1, S)
+    scores = scores.masked_fill(pos_k > pos_q, float("-inf"))  # no peeking at the future
+    a = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # (B, H, T, S): a_ij
+    return a @ v  # (B, H, T, d): o_i = Σ_j a_ij v_j
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, use_cache: bool = True,
+             eos_id: int | None = None) -> torch.Tensor:
+    """Greedy decoding: (B, T) prompt ids -> (B, T + n) ids, n ≤ max_new_tokens.
+
+    With ``use_cache`` the prompt phase runs once over the whole prompt and every later
+    step feeds only the newest token; without it every step re-runs the whole sequence.
+    Both must give the same tokens. A sequence that produced ``eos_id`` keeps emitting it;
+    decoding stops early when all sequences have.
+    """
+    model.eval()
+    ids = input_ids
+    B, T = ids.shape
+    cache = None
+    if use_cache:
+        p = next(model.parameters())
+        cache = KVCache.for_model(model.config, B, T + max_new_tokens, dtype=p.dtype, device=p.device)
+    finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    step_input = ids  # the prompt phase: every prompt token at once
+    for _ in range(max_new_tokens):
+        logits = model(step_input, kv_cache=cache) if use_cache else model(ids)
+        next_id = logits[:, -1, :].argmax(dim=-1)  # (B,)
+        if eos_id is not None:
+            next_id = torch.where(finished, torch.full_like(next_id, eos_id), next_id)
+            finished |= next_id == eos_id
+        ids = torch.cat([ids, next_id[:, None]], dim=1)
+        step_input = next_id[:, None]  # the generation phase: one token per step
+        if eos_id is not None and bool(finished.all()):
+            break
+    return ids
