@@ -10,7 +10,7 @@ LAB ?= lab01_kv_cache
 SUBMISSIONS ?= .grading/demo-submissions
 JOBS ?= 2
 
-.PHONY: help install demo lab labs grade model bench test test-fast check-labs clean
+.PHONY: help install sandbox-deps demo lab labs grade model bench test test-fast check-labs clean
 
 help:
 	@echo "make install   create .venv and install everything (torch pinned to 2.13.0)"
@@ -22,7 +22,14 @@ help:
 	@echo "make bench     run the GPU benchmarks into bench/results/"
 	@echo "make test      install, then run every test (lib, autograder, notebooks through the grader)"
 
-install: $(STAMP)
+install: $(STAMP) sandbox-deps
+
+# The grader runs every submission in a bubblewrap sandbox (Debian: bubblewrap).
+sandbox-deps:
+	@command -v bwrap >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -q bubblewrap >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null; }; \
+	  else echo "warning: install bubblewrap (apt-get install bubblewrap) to grade untrusted notebooks"; fi; }
 
 # torch is pinned in the same pip command as everything else: unpinned, pip would pull a
 # multi-GB CUDA build. pyproject.toml holds the pins; environment.yml mirrors them.

@@ -22,6 +22,8 @@ def main(argv=None) -> int:
                    help="grading folder: results, gradebook.db, secret (default .grading/)")
     g.add_argument("--timeout", type=float, default=600, help="wall-clock seconds per submission")
     g.add_argument("--no-gradebook", action="store_true", help="only write the CSV")
+    g.add_argument("--unsafe-no-sandbox", action="store_true",
+                   help="run notebooks with the grader's own rights (trusted notebooks only)")
     g.add_argument("--quiet", action="store_true", help="no progress bar or table")
     r = sub.add_parser("release", help="build labs/ from solutions/ with nbgrader (make labs)")
     r.add_argument("labs", nargs="*", help="assignment ids (default: all)")
@@ -29,6 +31,7 @@ def main(argv=None) -> int:
     d = sub.add_parser("demo", help="grade three sample lab01 submissions and print the gradebook")
     d.add_argument("--jobs", type=int, default=2)
     d.add_argument("--workdir", default=course.DEFAULT_WORKDIR)
+    d.add_argument("--unsafe-no-sandbox", action="store_true")
     args = ap.parse_args(argv)
 
     if args.command == "release":
@@ -38,7 +41,7 @@ def main(argv=None) -> int:
         return 0
     if args.command == "demo":
         from .demo import run_demo
-        return run_demo(jobs=args.jobs, workdir=args.workdir)
+        return run_demo(jobs=args.jobs, workdir=args.workdir, sandboxed=not args.unsafe_no_sandbox)
 
     from .grade import format_table, grade_folder
 
@@ -48,9 +51,15 @@ def main(argv=None) -> int:
         course.source_notebook(args.lab)
     except FileNotFoundError as exc:
         ap.error(str(exc))
-    results = grade_folder(args.lab, args.submissions, args.out, jobs=args.jobs,
-                           workdir=args.workdir, timeout=args.timeout,
-                           gradebook=not args.no_gradebook, progress=not args.quiet)
+    from .sandbox import SandboxUnavailable
+    try:
+        results = grade_folder(args.lab, args.submissions, args.out, jobs=args.jobs,
+                               workdir=args.workdir, timeout=args.timeout,
+                               gradebook=not args.no_gradebook, sandboxed=not args.unsafe_no_sandbox,
+                               progress=not args.quiet)
+    except SandboxUnavailable as exc:
+        print(f"error: cannot grade untrusted notebooks safely here: {exc}", file=sys.stderr)
+        return 2
     if not args.quiet:
         print(format_table(results))
         print(f"wrote {args.out}")

@@ -15,6 +15,23 @@ COURSE_ID = "llm-optimization-labs"
 DEFAULT_WORKDIR = os.path.join(REPO, ".grading")
 
 
+# The llmopt modules each lab asks the student to rebuild: hidden from the sandbox.
+MODULES_UNDER_STUDY = {
+    "lab01_kv_cache": ["kv_cache"],
+    "lab04_flash_attention": ["flash_attention"],
+    "lab06_zero_fsdp": ["zero"],
+    "lab07_gptq": ["gptq"],
+}
+
+
+def modules_under_study(lab: str) -> list[str]:
+    """``llmopt`` modules a submission of ``lab`` must not see (its reference answers)."""
+    if lab not in MODULES_UNDER_STUDY:
+        raise KeyError(f"no entry for {lab!r} in autograder.course.MODULES_UNDER_STUDY: add the "
+                       "llmopt modules the lab asks students to rebuild")
+    return MODULES_UNDER_STUDY[lab]
+
+
 def labs() -> list[str]:
     """Assignment ids that have a source notebook in ``solutions/``."""
     root = os.path.join(REPO, "solutions")

@@ -34,12 +34,12 @@ def write_demo_submissions(folder: str) -> None:
             json.dump(nb, f, indent=1)
 
 
-def run_demo(jobs: int = 2, workdir: str = course.DEFAULT_WORKDIR) -> int:
+def run_demo(jobs: int = 2, workdir: str = course.DEFAULT_WORKDIR, sandboxed: bool = True) -> int:
     folder = os.path.join(workdir, "demo-submissions")
     write_demo_submissions(folder)
     out_csv = os.path.join(workdir, "demo-grades.csv")
     t0 = time.perf_counter()
-    results = grade_folder(LAB, folder, out_csv, jobs=jobs, workdir=workdir)
+    results = grade_folder(LAB, folder, out_csv, jobs=jobs, workdir=workdir, sandboxed=sandboxed)
     print()
     print(format_table(results))
     print(f"\n{len(results)} submissions graded in {time.perf_counter() - t0:.0f} s with {jobs} "

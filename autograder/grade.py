@@ -27,10 +27,12 @@ import traceback
 
 from . import course
 from .notebook import NotGradable, grade_cells, read_notebook, sanitize
-from .runner import execute_notebook
+from .runner import execute_notebook, read_untrusted
 from .verify import verify_check
 
 CSV_COLUMNS = ["student", "lab", "score", "max_score", "status", "message"]
+# Results handed to nbgrader's autograde step in this process: (student, lab) -> result.
+PRECOMPUTED: dict = {}
 
 
 @dataclasses.dataclass
@@ -51,9 +53,9 @@ class SubmissionResult:
 
     def executed_cells(self) -> list[dict]:
         """The executed notebook's cells, read as untrusted data (empty if unreadable)."""
-        from .verify import _read_capped
         try:
-            nb = json.loads(_read_capped(os.path.join(self.out_dir, "executed.ipynb"), 64 * 2**20))
+            nb = json.loads(read_untrusted(os.path.join(self.out_dir, "run"), "executed.ipynb",
+                                           cap=64 * 2**20))
             cells = nb["cells"]
             return [c if isinstance(c, dict) else {} for c in cells]
         except (OSError, ValueError, KeyError, TypeError):
@@ -82,14 +84,6 @@ def submission_seed(secret: bytes, student: str, lab: str) -> int:
 
 def _result_dir(workdir: str, student: str, lab: str) -> str:
     return os.path.join(workdir, "results", student, lab)
-
-
-def load_result(workdir: str, student: str, lab: str) -> SubmissionResult | None:
-    path = os.path.join(_result_dir(workdir, student, lab), "result.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return SubmissionResult(**json.load(f))
 
 
 def _save_result(result: SubmissionResult, workdir: str) -> None:
@@ -121,7 +115,11 @@ def _score(lab: str, source_nb: dict, seed: int, records: str) -> tuple[float, f
 def grade_submission(lab: str, student: str, nb_path: str, *, workdir: str = course.DEFAULT_WORKDIR,
                      timeout: float = 600, cell_timeout: int = 300, threads: int = 1,
                      sandbox=None) -> SubmissionResult:
-    """Grade one notebook; never raises for anything the submission does."""
+    """Grade one notebook; never raises for anything the submission does.
+
+    Trusted files (``result.json``, ``sanitized.ipynb``, ``executor.log``) stay in the
+    result folder; the submission can only write under ``run/``.
+    """
     out_dir = _result_dir(workdir, student, lab)
     try:
         try:
@@ -132,23 +130,28 @@ def grade_submission(lab: str, student: str, nb_path: str, *, workdir: str = cou
             source_nb = json.load(f)
         if os.path.isdir(out_dir):
             shutil.rmtree(out_dir)
-        work = os.path.join(out_dir, "work")
+        run_dir = os.path.join(out_dir, "run")
+        work = os.path.join(run_dir, "work")
         os.makedirs(work)
         src_dir = os.path.dirname(course.source_notebook(lab))
         for name in os.listdir(src_dir):  # the lab's small assets, never its notebook
             if not name.endswith(".ipynb") and os.path.isfile(os.path.join(src_dir, name)):
                 shutil.copy(os.path.join(src_dir, name), work)
-        nb_run = os.path.join(work, f"{lab}.ipynb")
-        with open(nb_run, "w") as f:
+        sanitized = os.path.join(out_dir, "sanitized.ipynb")
+        with open(sanitized, "w") as f:
             json.dump(sanitize(student_nb, source_nb), f)
+        nb_run = os.path.join(work, f"{lab}.ipynb")
+        shutil.copy(sanitized, nb_run)
         seed = submission_seed(course_secret(workdir), student, lab)
-        run = execute_notebook(nb_run, out_dir, lab, seed, timeout=timeout,
-                               cell_timeout=cell_timeout, threads=threads, sandbox=sandbox)
-        score, maximum, cells, failing = _score(lab, source_nb, seed, os.path.join(out_dir, "records"))
+        run = execute_notebook(nb_run, run_dir, os.path.join(out_dir, "executor.log"), lab, seed,
+                               timeout=timeout, cell_timeout=cell_timeout, threads=threads,
+                               sandbox=sandbox)
+        if run.ended == "executor_error":  # the grader could not run it: retry, never a zero
+            raise RuntimeError(f"the notebook could not be executed: {run.detail}")
+        score, maximum, cells, failing = _score(lab, source_nb, seed, os.path.join(run_dir, "records"))
         notes = {"completed": "", "kernel_died": "the kernel died (os._exit, a crash or out of "
                  "memory?); checks after that point were not run",
-                 "timeout": f"stopped: {run.detail}; checks after that point were not run",
-                 "executor_error": f"the notebook could not be run: {run.detail}"}
+                 "timeout": f"stopped: {run.detail}; checks after that point were not run"}
         parts = [notes.get(run.ended, run.ended)]
         parts.append("all checks passed" if not failing else "failed: " + ", ".join(failing))
         result = SubmissionResult(student, lab, "graded", score, maximum,
@@ -198,8 +201,12 @@ def write_gradebook(lab: str, results: list[SubmissionResult], workdir: str) -> 
             continue
         dest = os.path.join(workdir, "submitted", r.student, lab)
         os.makedirs(dest, exist_ok=True)
-        shutil.copy(os.path.join(r.out_dir, "work", f"{lab}.ipynb"), os.path.join(dest, f"{lab}.ipynb"))
-        out = api.autograde(lab, r.student, force=True, create=True)
+        shutil.copy(os.path.join(r.out_dir, "sanitized.ipynb"), os.path.join(dest, f"{lab}.ipynb"))
+        PRECOMPUTED[(r.student, lab)] = r
+        try:
+            out = api.autograde(lab, r.student, force=True, create=True)
+        finally:
+            PRECOMPUTED.pop((r.student, lab), None)
         if not out["success"]:
             errors[r.student] = (out.get("error") or out.get("log") or "")[-1500:]
     return errors
@@ -207,13 +214,32 @@ def write_gradebook(lab: str, results: list[SubmissionResult], workdir: str) -> 
 
 def grade_folder(lab: str, folder: str, out_csv: str, *, jobs: int = 1,
                  workdir: str = course.DEFAULT_WORKDIR, timeout: float = 600,
-                 gradebook: bool = True, sandbox=None, progress: bool = True) -> list[SubmissionResult]:
-    """Grade every submission of ``lab`` in ``folder``; write ``out_csv``; return the results."""
+                 gradebook: bool = True, sandboxed: bool = True,
+                 progress: bool = True) -> list[SubmissionResult]:
+    """Grade every submission of ``lab`` in ``folder``; write ``out_csv``; return the results.
+
+    ``sandboxed=False`` runs the notebooks with the grader's own rights: for trusted
+    notebooks only. When the sandbox cannot run here, ``SandboxUnavailable`` says why.
+    """
     from tqdm.auto import tqdm
 
     course.source_notebook(lab)  # fail early on an unknown lab
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
+    sandbox = None
+    if sandboxed:
+        from .sandbox import Bubblewrap
+        sandbox = Bubblewrap(lab, workdir, slots=max(1, jobs))
+    try:
+        return _grade_folder(lab, folder, out_csv, jobs, workdir, timeout, gradebook, sandbox, progress)
+    finally:
+        if sandbox is not None:
+            sandbox.close()
+
+
+def _grade_folder(lab, folder, out_csv, jobs, workdir, timeout, gradebook, sandbox, progress):
+    from tqdm.auto import tqdm
+
     subs = find_submissions(lab, folder)
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
     results: dict[str, SubmissionResult] = {}

@@ -1,9 +1,8 @@
 """nbgrader preprocessors that put the autograder's verdicts into the gradebook.
 
-``ApplyVerdicts`` replaces nbgrader's ``Execute`` in ``nbgrader autograde``. For each
-submission it uses the result the autograder's runner left in
-``<workdir>/results/<student>/<lab>/`` (from ``python -m autograder grade``) or, when there
-is none, grades the submission itself. It then copies the executed outputs back cell by
+``ApplyVerdicts`` replaces nbgrader's ``Execute`` in ``nbgrader autograde``. Inside
+``python -m autograder grade`` it uses the results the parallel runs just produced (handed
+over in-process); run by ``nbgrader autograde`` itself, it grades the submission there. It then copies the executed outputs back cell by
 cell where the source is unchanged, keeping only safe MIME types, and gives every
 autograded cell exactly one stdout message and one numeric result — nothing on stderr —
 which nbgrader's ``SaveAutoGrades`` turns into that cell's (partial) score.
@@ -15,7 +14,7 @@ import os
 
 from nbformat.v4 import new_output
 from nbgrader.preprocessors import NbGraderPreprocessor
-from traitlets import Unicode
+from traitlets import Bool, Unicode
 
 SAFE_MIME = ("text/plain", "image/png", "image/jpeg")
 MAX_OUTPUT_CHARS = 20_000
@@ -49,16 +48,24 @@ class ApplyVerdicts(NbGraderPreprocessor):
     """Fill grade cells with the autograder's verdicts (replaces nbgrader's Execute)."""
 
     workdir = Unicode("", help="The autograder's grading folder.").tag(config=True)
+    sandboxed = Bool(True, help="Run submissions in the bubblewrap sandbox (False: trusted "
+                                "notebooks only).").tag(config=True)
 
     def preprocess(self, nb, resources):
-        from .grade import grade_submission, load_result
+        from .grade import PRECOMPUTED, grade_submission
 
         student = resources["nbgrader"]["student"]
         lab = resources["nbgrader"]["assignment"]
-        result = load_result(self.workdir, student, lab)
+        result = PRECOMPUTED.get((student, lab))
         if result is None:  # `nbgrader autograde` run directly: grade it now
             path = os.path.join(resources["metadata"]["path"], f"{resources['nbgrader']['notebook']}.ipynb")
-            result = grade_submission(lab, student, path, workdir=self.workdir)
+            from .sandbox import Bubblewrap
+            sandbox = Bubblewrap(lab, self.workdir) if self.sandboxed else None
+            try:
+                result = grade_submission(lab, student, path, workdir=self.workdir, sandbox=sandbox)
+            finally:
+                if sandbox is not None:
+                    sandbox.close()
         if result.status != "graded":
             raise RuntimeError(f"{student}/{lab} could not be graded: {result.message}")
         executed = result.executed_cells()

@@ -1,11 +1,19 @@
-"""Run one submission's notebook in a process of its own, with a wall clock.
+"""Run one submission's notebook in a process session of its own, with a wall clock.
 
-The executor (``python -m autograder.execute``) is started in a new session, so that on a
-time-out the whole process group — nbclient, the kernel, anything the student's code
-started — is killed. ``Sandbox`` decides how that command is wrapped: ``NoSandbox`` runs
-it as it is (trusted notebooks only, e.g. the instructor's solution); the sandboxed
-runner of ``sandbox.py`` wraps it in its own namespaces and limits. Everything that
-comes back out — the executed notebook and the records — is then read defensively.
+The executor (``python -m autograder.execute``) is started in a new session; on a time-out
+the whole session — nbclient, the kernel, anything the student's code started — is killed.
+``sandbox`` decides how the command is wrapped: ``None`` runs it as it is (trusted notebooks
+only: an instructor's own solution), ``sandbox.Bubblewrap`` runs it isolated and limited.
+Layout of a run folder (the only place a sandboxed run can write)::
+
+    run/work/<lab>.ipynb     the sanitised notebook (a copy; the trusted one stays outside)
+    run/records/             what the hidden checks recorded
+    run/executed.ipynb       the notebook with its outputs, saved after every cell
+    run/status.json          how the executor ended
+    run/home/                the submission's HOME (caches, IPython profile)
+
+Everything read back from it is untrusted: ``read_untrusted`` refuses symlinks anywhere
+under the run folder, non-regular files and oversized files.
 """
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ import dataclasses
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -26,68 +35,88 @@ class Execution:
     ended: str
     seconds: float
     detail: str = ""
-    out_dir: str = ""
 
 
-class NoSandbox:
-    """Run the executor as a plain child process (no isolation beyond a process group)."""
-    name = "none"
+def read_untrusted(base: str, *parts: str, cap: int) -> bytes:
+    """Read ``base/parts...`` refusing symlinks in any component, non-files and > ``cap`` bytes."""
+    path = base
+    for i, part in enumerate(parts):
+        if part in ("", ".", "..") or os.sep in part:
+            raise ValueError(f"bad path component {part!r}")
+        path = os.path.join(path, part)
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            raise ValueError(f"{os.path.relpath(path, base)} is a symlink")
+        if i < len(parts) - 1 and not stat.S_ISDIR(st.st_mode):
+            raise ValueError(f"{os.path.relpath(path, base)} is not a folder")
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        if st.st_size > cap:
+            raise ValueError(f"{st.st_size} bytes, over the {cap}-byte cap")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(cap + 1)[:cap]
+    finally:
+        os.close(fd)
 
-    def wrap(self, argv: list[str], work_dir: str, out_dir: str) -> list[str]:
-        return argv
 
-    def env(self, base: dict) -> dict:
-        return base
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
+def _kill_session(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
 
 
-def execute_notebook(nb_path: str, out_dir: str, lab: str, seed: int, *, timeout: float = 600,
-                     cell_timeout: int = 300, threads: int = 1, sandbox=None) -> Execution:
-    """Execute ``nb_path``; write ``executed.ipynb`` and ``records/`` under ``out_dir``."""
-    sandbox = sandbox or NoSandbox()
-    os.makedirs(out_dir, exist_ok=True)
-    work_dir = os.path.dirname(os.path.abspath(nb_path))
-    argv = [sys.executable, "-m", "autograder.execute", nb_path, out_dir, "--lab", lab,
+def execute_notebook(nb_path: str, run_dir: str, log_path: str, lab: str, seed: int, *,
+                     timeout: float = 600, cell_timeout: int = 300, threads: int = 1,
+                     sandbox=None) -> Execution:
+    """Execute ``nb_path`` (inside ``run_dir/work``); outputs go to ``run_dir``."""
+    argv = [sys.executable, "-m", "autograder.execute", nb_path, run_dir, "--lab", lab,
             "--seed", str(seed), "--cell-timeout", str(int(cell_timeout))]
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AUTOGRADER_", "JUPYTER", "JPY_"))}
     env.update({
         "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
         "PYTHONPATH": os.pathsep.join([os.path.join(REPO, "lib"), REPO]),
-        "IPYTHONDIR": os.path.join(out_dir, ".ipython"),  # no startup files from elsewhere
-        "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
-        "TQDM_DISABLE": "1",
+        "IPYTHONDIR": os.path.join(run_dir, "home", ".ipython"),  # no startup files from elsewhere
+        "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1",
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
     })
-    for key in ("AUTOGRADER_RESULTS", "AUTOGRADER_SEED", "AUTOGRADER_LAB", "AUTOGRADER_SECRET"):
-        env.pop(key, None)
+    os.makedirs(os.path.join(run_dir, "home"), exist_ok=True)
+    uid = sandbox.acquire() if sandbox is not None else None
     t0 = time.perf_counter()
-    log_path = os.path.join(out_dir, "executor.log")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(sandbox.wrap(argv, work_dir, out_dir), cwd=work_dir,
-                                env=sandbox.env(env), stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            proc.wait()
-            return Execution("timeout", time.perf_counter() - t0,
-                             f"stopped after {timeout:.0f} s of wall-clock time", out_dir)
-        finally:
-            _kill_group(proc)  # anything the notebook left running in the group
+    try:
+        cmd = sandbox.command(argv, run_dir, uid, env) if sandbox is not None else argv
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, cwd=os.path.dirname(nb_path), env=env,
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _kill_session(proc)
+                proc.wait()
+                return Execution("timeout", time.perf_counter() - t0,
+                                 f"stopped after {timeout:.0f} s of wall-clock time")
+            finally:
+                _kill_session(proc)  # anything the notebook left running in the session
+    finally:
+        if sandbox is not None:
+            sandbox.release(uid)
     seconds = time.perf_counter() - t0
     try:
-        with open(os.path.join(out_dir, "status.json")) as f:
-            status = json.load(f)
-        return Execution(str(status.get("ended", "executor_error")), seconds,
-                         str(status.get("detail", ""))[:500], out_dir)
-    except (OSError, ValueError):
+        status = json.loads(read_untrusted(run_dir, "status.json", cap=4096))
+        ended = str(status.get("ended", "executor_error"))
+        if ended not in ("completed", "kernel_died", "executor_error"):
+            ended = "executor_error"
+        return Execution(ended, seconds, str(status.get("detail", ""))[:500])
+    except (OSError, ValueError, AttributeError):
         with open(log_path, "rb") as f:
-            tail = f.read()[-800:].decode("utf-8", "replace")
+            f.seek(max(0, os.path.getsize(log_path) - 800))
+            tail = f.read().decode("utf-8", "replace")
+        if proc.returncode in (-9, 137):
+            return Execution("kernel_died", seconds, "the run was killed (out of memory or a limit)")
         return Execution("executor_error", seconds,
-                         f"the executor exited with code {proc.returncode}: {tail}", out_dir)
+                         f"the executor exited with code {proc.returncode}: {tail}")

@@ -12,11 +12,10 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import os
-import stat
 import tempfile
 
 from .record import MAX_CASE_BYTES, record_check
+from .runner import read_untrusted
 
 
 @dataclasses.dataclass
@@ -40,24 +39,9 @@ class CheckResult:
         return "\n".join([head] + [f"  - {m}" for m in self.messages[:5]])
 
 
-def _read_capped(path: str, cap: int) -> bytes:
-    """Read a regular file without following symlinks, refusing more than ``cap`` bytes."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError("not a regular file")
-        if st.st_size > cap:
-            raise ValueError(f"{st.st_size} bytes, over the {cap}-byte cap")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read(cap + 1)
-    finally:
-        os.close(fd)
-
-
-def _load_outputs(path: str):
+def _load_outputs(results_dir: str, name: str, i: int):
     from safetensors.torch import load
-    return load(_read_capped(path, MAX_CASE_BYTES + 2**20))
+    return load(read_untrusted(results_dir, name, f"{i}.safetensors", cap=MAX_CASE_BYTES + 2**20))
 
 
 def verify_check(lab: str, name: str, seed: int, results_dir: str) -> CheckResult:
@@ -67,13 +51,13 @@ def verify_check(lab: str, name: str, seed: int, results_dir: str) -> CheckResul
     inputs = list(getattr(cases, f"inputs_{name}")(seed))
     verify = getattr(checks, f"verify_{name}")
     try:
-        index = json.loads(_read_capped(os.path.join(results_dir, f"{name}.json"), 2**20))
+        index = json.loads(read_untrusted(results_dir, f"{name}.json", cap=2**20))
         entries = {int(e["case"]): e for e in index["cases"]}
     except FileNotFoundError:
         return CheckResult(name, 0, len(inputs), ["not run: the cell that calls this check "
                                                   "was not reached (an error or a time-out "
                                                   "before it?)"])
-    except (ValueError, KeyError, TypeError, OSError) as exc:
+    except (ValueError, KeyError, TypeError, OSError, AttributeError) as exc:
         return CheckResult(name, 0, len(inputs), [f"unreadable recording ({exc})"])
     passed, messages = 0, []
     for i, inp in enumerate(inputs):
@@ -85,14 +69,16 @@ def verify_check(lab: str, name: str, seed: int, results_dir: str) -> CheckResul
             messages.append(f"case {i}: your code raised {str(entry['error'])[:500]}")
             continue
         try:
-            out = _load_outputs(os.path.join(results_dir, name, f"{i}.safetensors"))
-        except (OSError, ValueError) as exc:
+            out = _load_outputs(results_dir, name, i)
+        except Exception as exc:  # a forged or truncated file: the case fails, nothing else
             messages.append(f"case {i}: unreadable output ({exc})")
             continue
         try:
             msg = verify(inp, out)
         except KeyError as exc:
             msg = f"missing output {exc}"
+        except Exception as exc:  # outputs of an unexpected form (wrong dims, dtype, ...)
+            msg = f"your output could not be compared ({type(exc).__name__}: {str(exc)[:300]})"
         if msg is None:
             passed += 1
         else:

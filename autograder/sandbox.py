@@ -1,0 +1,258 @@
+"""A sandbox per submission: bubblewrap namespaces, an unprivileged uid, cgroup limits.
+
+Why bubblewrap (Debian's ``bwrap``) and not containers: it needs no daemon (CI machines and
+hub nodes have none), starts in milliseconds, and gives exactly the isolation grading needs —
+new mount, PID, network, IPC and UTS namespaces — from one command line. An instructor who
+prefers containers can run the whole grader inside one; the per-submission sandbox stays.
+
+What a submission sees (a whitelist, not a mask):
+- read-only: ``/usr`` (with the ``/bin``, ``/lib`` links), the course's virtual environment
+  and the interpreter it links to at their original paths, a copy of ``llmopt`` WITHOUT the
+  module the lab asks the student to rebuild, the in-kernel half of ``autograder`` (recorder,
+  executor, public cases — no checks, no grader), the course model and the corpus cache;
+- read-write: its own run folder (the sanitised notebook, the records it writes, its home
+  with the Triton/torch caches) and a private ``/tmp``;
+- not: ``solutions/``, the hidden checks, the gradebook, the course secret, other students'
+  files, the network (an empty network namespace with only ``lo``), host processes.
+
+Limits: the process tree runs as an unprivileged uid of its own (one per parallel slot), in
+a memory and a pids cgroup (memory exhaustion and fork bombs stay inside), with rlimits on CPU
+time, file size and open files; the grader's wall clock kills the whole session, and
+``--die-with-parent`` plus the PID namespace take everything the notebook started with it.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+
+from . import course
+
+UID_BASE = 61000
+CGROUP_ROOT = "/sys/fs/cgroup"
+CGROUP_NAME = "llmopt-grader"
+
+
+class SandboxUnavailable(RuntimeError):
+    """The machine lacks what the sandbox needs; the message says what to install or do."""
+
+
+def _interpreter_root() -> str:
+    """The base Python installation the venv links to (it must be visible at its own path)."""
+    return os.path.realpath(sys.base_prefix)
+
+
+def _ancestors(path: str) -> list[str]:
+    """'/a/b/c' -> ['/a', '/a/b'] (the folders bwrap must create above a bind target)."""
+    parts = os.path.abspath(path).strip(os.sep).split(os.sep)[:-1]
+    return [os.sep + os.sep.join(parts[:i + 1]) for i in range(len(parts))]
+
+
+def _copy_filtered(src: str, dst: str, skip: set[str], skip_dirs: set[str]) -> None:
+    """Copy the .py files of a package tree, leaving out ``skip`` modules and ``skip_dirs``."""
+    for root, dirs, files in os.walk(src):
+        rel = os.path.relpath(root, src)
+        dirs[:] = [d for d in dirs if d != "__pycache__" and os.path.normpath(os.path.join(rel, d)) not in skip_dirs]
+        os.makedirs(os.path.join(dst, rel), exist_ok=True)
+        for f in files:
+            relf = os.path.normpath(os.path.join(rel, f))
+            if f.endswith(".py") and relf not in skip:
+                shutil.copy2(os.path.join(root, f), os.path.join(dst, relf))
+
+
+class Bubblewrap:
+    """Runs the executor in a bubblewrap sandbox; one instance serves a whole grading run."""
+    name = "bubblewrap"
+
+    def __init__(self, lab: str, workdir: str = course.DEFAULT_WORKDIR, *, slots: int = 1,
+                 memory_bytes: int = 6 * 2**30, max_pids: int = 256, cpu_seconds: int = 1800,
+                 file_bytes: int = 256 * 2**20):
+        self.lab = lab
+        self.memory_bytes, self.max_pids = memory_bytes, max_pids
+        self.cpu_seconds, self.file_bytes = cpu_seconds, file_bytes
+        check_available()
+        self._root = tempfile.mkdtemp(prefix=f"sandbox-{lab}-", dir=os.path.abspath(workdir))
+        os.chmod(self._root, 0o755)
+        self._lib = os.path.join(self._root, "lib", "llmopt")
+        self._grader = os.path.join(self._root, "autograder")
+        hidden = {f"{m}.py" for m in course.modules_under_study(lab)}
+        _copy_filtered(os.path.join(course.REPO, "lib", "llmopt"), self._lib, hidden, {"assets"})
+        os.makedirs(os.path.join(self._lib, "assets"), exist_ok=True)
+        grader_src = os.path.join(course.REPO, "autograder")
+        os.makedirs(os.path.join(self._grader, "cases"))
+        for f in ("__init__.py", "record.py", "execute.py"):
+            shutil.copy2(os.path.join(grader_src, f), self._grader)
+        for f in glob.glob(os.path.join(grader_src, "cases", "*.py")):
+            shutil.copy2(f, os.path.join(self._grader, "cases"))
+        for d, _, files in os.walk(self._root):
+            os.chmod(d, 0o755)
+            for f in files:
+                os.chmod(os.path.join(d, f), 0o644)
+        self._slots: queue.Queue[int] = queue.Queue()
+        for i in range(max(1, slots)):
+            self._slots.put(UID_BASE + i)
+
+    def close(self) -> None:
+        shutil.rmtree(self._root, ignore_errors=True)
+
+    # --- one run ---------------------------------------------------------------------------
+
+    def acquire(self) -> int:
+        return self._slots.get()
+
+    def release(self, uid: int) -> None:
+        _kill_uid(uid)  # a process that escaped the session (it cannot: belt and braces)
+        _cgroup_remove(uid)
+        self._slots.put(uid)
+
+    def command(self, argv: list[str], run_dir: str, uid: int, env: dict) -> list[str]:
+        """The full command line: cgroup entry, bwrap, privilege drop, rlimits, ``argv``."""
+        home = os.path.join(run_dir, "home")
+        os.makedirs(home, exist_ok=True)
+        passwd = os.path.join(self._root, f"passwd-{uid}")
+        group = os.path.join(self._root, f"group-{uid}")
+        with open(passwd, "w") as f:
+            f.write(f"root:x:0:0::/root:/bin/sh\nstudent:x:{uid}:{uid}::{home}:/bin/sh\n")
+        with open(group, "w") as f:
+            f.write(f"root:x:0:\nstudent:x:{uid}:\n")
+        for d, dirs, files in os.walk(run_dir):
+            os.chown(d, uid, uid)
+            for f in files:
+                os.chown(os.path.join(d, f), uid, uid)
+        os.chmod(passwd, 0o644)
+        os.chmod(group, 0o644)
+        venv = os.path.dirname(os.path.dirname(os.path.abspath(sys.executable)))
+        lib = os.path.join(course.REPO, "lib", "llmopt")
+        binds = [(_interpreter_root(), _interpreter_root()), (venv, venv), (self._lib, lib),
+                 (os.path.join(lib, "assets"), os.path.join(lib, "assets")),
+                 (self._grader, os.path.join(course.REPO, "autograder"))]
+        corpus = os.path.join(course.REPO, ".cache", "llmopt")
+        if os.path.isdir(corpus):
+            binds.append((corpus, corpus))
+        b = ["bwrap", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
+             "--unshare-cgroup-try", "--die-with-parent", "--new-session",
+             "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
+             "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/sbin", "/sbin",
+             "--perms", "0755", "--dir", "/etc", "--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache",
+             "--ro-bind", passwd, "/etc/passwd", "--ro-bind", group, "/etc/group",
+             "--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
+        for extra in ("/etc/ssl", "/etc/localtime", "/etc/fonts"):
+            if os.path.exists(extra):
+                b += ["--ro-bind", extra, extra]
+        # bwrap gives a bind target's new parents the modes of the source's (/root is 0700):
+        # create them first, world-traversable
+        dests = [dest for _, dest in binds] + [run_dir]
+        for path in sorted({p for d in dests for p in _ancestors(d)} - {"/tmp", "/usr", "/etc"}, key=len):
+            b += ["--perms", "0755", "--dir", path]
+        for src, dest in binds:
+            b += ["--ro-bind", src, dest]
+        for dev in sorted(glob.glob("/dev/nvidia*")):  # GPU hubs: the devices, nothing else
+            b += ["--dev-bind", dev, dev]
+        b += ["--bind", run_dir, run_dir, "--chdir", os.path.join(run_dir, "work"),
+              "--clearenv", "--setenv", "HOME", home, "--setenv", "USER", "student",
+              "--setenv", "PATH", f"{venv}/bin:/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
+              "--setenv", "TMPDIR", "/tmp"]
+        for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED",
+                    "TQDM_DISABLE", "IPYTHONDIR", "MPLBACKEND", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES"):
+            if key in env:
+                b += ["--setenv", key, env[key]]
+        b += ["--setenv", "IPYTHONDIR", os.path.join(home, ".ipython"),
+              "--setenv", "MPLCONFIGDIR", os.path.join(home, ".matplotlib"),
+              "--setenv", "TRITON_CACHE_DIR", os.path.join(home, ".triton"),
+              "--setenv", "HF_HUB_OFFLINE", "1", "--setenv", "TRANSFORMERS_OFFLINE", "1",
+              "--setenv", "PYTHONPATH", os.pathsep.join([os.path.join(course.REPO, "lib"), course.REPO])]
+        b += ["--", "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+              "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
+              "prlimit", f"--cpu={self.cpu_seconds}", f"--fsize={self.file_bytes}", "--nofile=1024",
+              f"--nproc={self.max_pids}", "--core=0", "--"] + argv
+        cg = _cgroup_create(uid, self.memory_bytes, self.max_pids)
+        enter = " && ".join(f"echo $$ > {p}/cgroup.procs" for p in cg)
+        return ["sh", "-c", f'{enter} && exec "$@"', "sandbox"] + b
+
+
+def _cgroup_paths(uid: int) -> list[str]:
+    return [os.path.join(CGROUP_ROOT, ctl, CGROUP_NAME, str(uid)) for ctl in ("memory", "pids")]
+
+
+def _cgroup_create(uid: int, memory_bytes: int, max_pids: int) -> list[str]:
+    _cgroup_remove(uid)
+    mem, pids = _cgroup_paths(uid)
+    os.makedirs(mem, exist_ok=True)
+    os.makedirs(pids, exist_ok=True)
+    with open(os.path.join(mem, "memory.limit_in_bytes"), "w") as f:
+        f.write(str(memory_bytes))
+    if os.path.exists(os.path.join(mem, "memory.memsw.limit_in_bytes")):
+        with open(os.path.join(mem, "memory.memsw.limit_in_bytes"), "w") as f:
+            f.write(str(memory_bytes))
+    with open(os.path.join(pids, "pids.max"), "w") as f:
+        f.write(str(max_pids))
+    return [mem, pids]
+
+
+def _cgroup_remove(uid: int) -> None:
+    for path in _cgroup_paths(uid):
+        if not os.path.isdir(path):
+            continue
+        for _ in range(50):
+            try:
+                with open(os.path.join(path, "cgroup.procs")) as f:
+                    pids = [int(p) for p in f.read().split()]
+            except OSError:
+                break
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            import time
+            time.sleep(0.05)
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
+
+
+def _kill_uid(uid: int) -> None:
+    subprocess.run(["pkill", "-KILL", "-U", str(uid)], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=False)
+
+
+_AVAILABLE: bool | None = None
+
+
+def check_available() -> None:
+    """Raise ``SandboxUnavailable`` saying what is missing (bwrap, root, cgroups)."""
+    global _AVAILABLE
+    if _AVAILABLE:
+        return
+    missing = [tool for tool in ("bwrap", "setpriv", "prlimit", "pkill") if shutil.which(tool) is None]
+    if missing:
+        raise SandboxUnavailable(
+            f"the sandbox needs {', '.join(missing)}: `apt-get install bubblewrap util-linux procps` "
+            "(make sandbox-deps), or grade trusted notebooks only with --unsafe-no-sandbox")
+    if os.geteuid() != 0:
+        raise SandboxUnavailable("the sandbox drops each submission to its own uid and sets cgroup "
+                                 "limits, which needs root: run the grader as root (in a VM or "
+                                 "container of its own), or pass --unsafe-no-sandbox for trusted notebooks")
+    for ctl in ("memory", "pids"):
+        base = os.path.join(CGROUP_ROOT, ctl)
+        try:
+            os.makedirs(os.path.join(base, CGROUP_NAME), exist_ok=True)
+        except OSError as exc:
+            raise SandboxUnavailable(f"cannot create a {ctl} cgroup under {base} ({exc.strerror}): the "
+                                     "sandbox needs cgroup v1 memory and pids controllers") from None
+    probe = subprocess.run(["bwrap", "--unshare-pid", "--unshare-net", "--die-with-parent",
+                            "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin",
+                            "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
+                            "--proc", "/proc", "--dev", "/dev", "true"],
+                           capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        raise SandboxUnavailable(f"bubblewrap cannot create namespaces here: {probe.stderr.strip()}")
+    _AVAILABLE = True

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Install everything the course hub needs, idempotently.  Run as root (make hub does):
+#
+#   course/hub/setup.sh [--users] [--course]
+#
+#   * Debian's python3-venv (and nodejs/npm when they are missing);
+#   * the hub's virtual environment, made from Debian's /usr/bin/python3 so that every
+#     user's server can read it (a venv made from root's pyenv cannot), with JupyterHub,
+#     JupyterLab, nbgrader and the course (llmopt + autograder, torch pinned to 2.13.0);
+#   * the per-role Jupyter configuration (course/hub/config/{instructor,student});
+#   * configurable-http-proxy from the npm registry into .hub/npm (ignored by git);
+#   * --users: the demo users (Unix accounts: instructor, student1, student2; homes mode 700),
+#     the exchange (/srv/nbgrader/exchange, mode 777) and the instructor's course copy in
+#     ~instructor/llm-optimization-labs (created once, never overwritten: it holds the
+#     gradebook).
+#
+# Environment: LLMOPT_HUB_PREFIX (default /opt/llmopt-hub: venv/ and etc/ live there),
+# LLMOPT_HUB_EXCHANGE (default /srv/nbgrader/exchange).
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+PREFIX=${LLMOPT_HUB_PREFIX:-/opt/llmopt-hub}
+VENV=$PREFIX/venv
+EXCHANGE=${LLMOPT_HUB_EXCHANGE:-/srv/nbgrader/exchange}
+STATE=$REPO/.hub
+JUPYTERHUB_VERSION=6.1.1
+CHP_VERSION=5.3.0
+DEMO_INSTRUCTORS=(instructor)
+DEMO_STUDENTS=(student1 student2)
+
+want_users=0; want_course=0
+for arg in "$@"; do
+  case $arg in
+    --users) want_users=1 ;;
+    --course) want_course=1 ;;
+    *) echo "usage: $0 [--users] [--course]" >&2; exit 2 ;;
+  esac
+done
+if [ "$(id -u)" != 0 ]; then echo "course/hub/setup.sh: run as root (the hub spawns servers as other users)" >&2; exit 1; fi
+log() { printf '[hub setup] %s\n' "$*"; }
+
+# --- Debian packages -------------------------------------------------------------------
+missing=()
+/usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+command -v npm >/dev/null || missing+=(nodejs npm)
+command -v useradd >/dev/null || missing+=(passwd)
+if [ ${#missing[@]} -gt 0 ]; then
+  log "apt-get install ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# --- the hub's venv (Debian's python3) ---------------------------------------------------
+# The course package (llmopt with its shipped model, autograder) is built from a scratch copy,
+# so that the repository gets no build/ folder, and reinstalled whenever its files change.
+course_copy() {
+  scratch=$(mktemp -d)
+  cp -r "$REPO/lib" "$REPO/autograder" "$REPO/pyproject.toml" "$REPO/README.md" "$scratch/"
+  find "$scratch" \( -name __pycache__ -o -name '*.egg-info' \) -prune -exec rm -rf {} +
+  echo "$scratch"
+}
+pip_quiet() {  # pip's and setuptools' chatter goes to a log; shown only when pip fails
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" >"$STATE/pip.log" 2>&1 \
+    || { cat "$STATE/pip.log" >&2; return 1; }
+}
+mkdir -p "$STATE"
+deps_key=$( (echo "jupyterhub==$JUPYTERHUB_VERSION"; cat "$REPO/pyproject.toml") | sha256sum | cut -c1-16)
+course_key=$(cd "$REPO" && find lib/llmopt autograder pyproject.toml -type f ! -path '*__pycache__*' \
+             -printf '%p %s %T@\n' | sort | sha256sum | cut -c1-16)
+if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.deps" 2>/dev/null)" != "$deps_key" ]; then
+  log "creating $VENV from /usr/bin/python3 (jupyterhub $JUPYTERHUB_VERSION and the course's pinned packages)"
+  mkdir -p "$PREFIX"
+  [ -x "$VENV/bin/python" ] || /usr/bin/python3 -m venv "$VENV"
+  src=$(course_copy)
+  # torch pinned in the same command: unpinned, pip would take a multi-GB CUDA build.
+  pip_quiet torch==2.13.0 "jupyterhub==$JUPYTERHUB_VERSION" "$src"
+  rm -rf "$src"
+  echo "$deps_key" > "$VENV/.deps"
+  echo "$course_key" > "$VENV/.course"
+fi
+if [ "$(cat "$VENV/.course" 2>/dev/null)" != "$course_key" ]; then
+  log "reinstalling the course package (llmopt, autograder) into $VENV"
+  src=$(course_copy)
+  pip_quiet --no-deps --force-reinstall "$src"
+  rm -rf "$src"
+  echo "$course_key" > "$VENV/.course"
+fi
+
+# --- Jupyter configuration: one folder per role, chosen by the hub (JUPYTER_CONFIG_PATH) ---
+mkdir -p "$PREFIX/etc"
+rm -rf "$PREFIX/etc.new" && cp -r "$REPO/course/hub/config" "$PREFIX/etc.new"
+rm -rf "$PREFIX/etc" && mv "$PREFIX/etc.new" "$PREFIX/etc"
+chmod -R a+rX "$PREFIX"
+# Everyone: no "news" toast, no update check (the hub has no internet anyway).
+mkdir -p "$VENV/share/jupyter/lab/settings"
+cat > "$VENV/share/jupyter/lab/settings/overrides.json" <<'JSON'
+{
+  "@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": false}
+}
+JSON
+
+# --- the proxy: configurable-http-proxy from npm, in an ignored folder of the repo ------
+if [ ! -x "$STATE/npm/node_modules/.bin/configurable-http-proxy" ] || \
+   ! grep -q "\"version\": \"$CHP_VERSION\"" "$STATE/npm/node_modules/configurable-http-proxy/package.json" 2>/dev/null; then
+  log "npm install configurable-http-proxy@$CHP_VERSION into $STATE/npm"
+  mkdir -p "$STATE/npm"
+  npm install --silent --no-audit --no-fund --prefix "$STATE/npm" "configurable-http-proxy@$CHP_VERSION" >/dev/null 2>&1 \
+    || npm install --no-audit --no-fund --prefix "$STATE/npm" "configurable-http-proxy@$CHP_VERSION"
+fi
+
+# --- demo users, the exchange and the instructor's course copy ---------------------------
+make_user() {
+  id -u "$1" >/dev/null 2>&1 || useradd -m -s /bin/bash "$1"
+  chmod 700 "$(getent passwd "$1" | cut -d: -f6)"
+}
+if [ $want_users = 1 ]; then
+  for u in "${DEMO_INSTRUCTORS[@]}" "${DEMO_STUDENTS[@]}"; do make_user "$u"; done
+  mkdir -p "$EXCHANGE" && chmod 777 "$EXCHANGE"
+  want_course=1
+fi
+if [ $want_course = 1 ]; then
+  home=$(getent passwd "${DEMO_INSTRUCTORS[0]}" | cut -d: -f6)
+  if [ ! -d "$home/llm-optimization-labs" ]; then
+    log "copying the course into $home/llm-optimization-labs (the instructor's course root)"
+    "$REPO/course/hub/copy-course.sh" "$home/llm-optimization-labs" "${DEMO_INSTRUCTORS[0]}"
+  fi
+fi
+log "ready: $VENV, $STATE/npm, exchange $EXCHANGE"
