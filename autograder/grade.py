@@ -194,6 +194,10 @@ def write_gradebook(lab: str, results: list[SubmissionResult], workdir: str) -> 
     api = NbGraderAPI(config=config)
     setup = api.generate_assignment(lab, force=True, create=True)
     if not setup["success"]:
+        if "there are submissions associated with it" in setup.get("log", ""):
+            raise RuntimeError(f"the source of {lab} gained or lost cells after submissions were "
+                               f"graded into {workdir}/gradebook.db; nbgrader protects those grades: "
+                               "restore the source, or grade into a new --workdir")
         raise RuntimeError(f"nbgrader generate_assignment failed:\n{setup.get('log', '')[-3000:]}{setup.get('error') or ''}")
     errors = {}
     for r in results:

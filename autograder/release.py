@@ -21,16 +21,22 @@ from .notebook import cell_source, nbgrader_meta
 
 def release_labs(labs: list[str] | None = None, release_dir: str | None = None,
                  workdir: str = course.DEFAULT_WORKDIR) -> list[str]:
-    """Generate the release notebooks of ``labs`` (default: all) into ``release_dir``."""
+    """Generate the release notebooks of ``labs`` (default: all) into ``release_dir``.
+
+    The course gradebook is not touched: ``python -m autograder grade`` records the source
+    cells there when it grades.
+    """
     from nbgrader.apps import NbGraderAPI
 
     labs = labs or course.labs()
     release_dir = os.path.abspath(release_dir or os.path.join(course.REPO, "labs"))
     os.makedirs(workdir, exist_ok=True)
     # nbgrader writes <release>/<lab>/; generate into a scratch folder, then move into place
-    # so that a failure never leaves a half-written labs/.
+    # so that a failure never leaves a half-written labs/. The scratch gradebook keeps the
+    # release independent of the course gradebook (which refuses changed cells once graded).
     with tempfile.TemporaryDirectory(dir=workdir) as scratch:
-        api = NbGraderAPI(config=course.nbgrader_config(workdir=workdir, release_dir=scratch))
+        config = course.nbgrader_config(workdir=scratch, release_dir=os.path.join(scratch, "release"))
+        api = NbGraderAPI(config=config)
         for lab in labs:
             out = api.generate_assignment(lab, force=True, create=True)
             if not out["success"]:
@@ -40,7 +46,7 @@ def release_labs(labs: list[str] | None = None, release_dir: str | None = None,
             dest = os.path.join(release_dir, lab)
             if os.path.isdir(dest):
                 shutil.rmtree(dest)
-            shutil.copytree(os.path.join(scratch, lab), dest)
+            shutil.copytree(os.path.join(scratch, "release", lab), dest)
     return [os.path.join(release_dir, lab) for lab in labs]
 
 

@@ -1,0 +1,181 @@
+"""Hidden-check cases of lab04_flash_attention (run in the student's kernel; no answers here).
+
+Fresh random inputs per seed: ragged lengths (not multiples of any block size), several
+head dims (one not a power of two), fp32/fp16/bf16, causal and not. Small enough for
+Triton's CPU interpreter.
+"""
+from __future__ import annotations
+
+import torch
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randint(g, lo, hi) -> int:
+    return int(torch.randint(lo, hi, (1,), generator=g))
+
+
+def _qkv(g, B, H, N, d, dtype="float32", n_k=None):
+    shapes = [(B, H, N, d), (B, H, n_k or N, d), (B, H, n_k or N, d)]
+    return {name: torch.randn(s, generator=g).to(_DTYPES[dtype])
+            for name, s in zip("qkv", shapes)}
+
+
+# --- merge_softmax_stats(m1, l1, m2, l2) -> (m, l) --------------------------------------
+
+def inputs_merge_softmax_stats(seed: int) -> list[dict]:
+    g = _gen(seed)
+    cases = []
+    for rows, width, spread in ((6, 8, 1.0), (5, 16, 10.0), (4, 3, 30.0)):
+        x1 = torch.randn(rows, width, generator=g, dtype=torch.float64) * spread
+        x2 = torch.randn(rows, width, generator=g, dtype=torch.float64) * spread + spread
+        m1, m2 = x1.max(-1).values, x2.max(-1).values
+        l1 = torch.exp(x1 - m1[:, None]).sum(-1)
+        l2 = torch.exp(x2 - m2[:, None]).sum(-1)
+        cases.append(dict(m1=m1, l1=l1, m2=m2, l2=l2))
+    # the running state starts at m = -inf, ℓ = 0: merging a block into it gives that block
+    c = cases[0]
+    cases.append(dict(m1=torch.full_like(c["m1"], float("-inf")), l1=torch.zeros_like(c["l1"]),
+                      m2=c["m2"], l2=c["l2"]))
+    return cases
+
+
+def run_merge_softmax_stats(fn, case: dict) -> dict:
+    m, l = fn(case["m1"], case["l1"], case["m2"], case["l2"])
+    return {"m": m, "l": l}
+
+
+# --- online_softmax(x, block_size) -> softmax(x, dim=-1) -------------------------------
+
+def inputs_online_softmax(seed: int) -> list[dict]:
+    g = _gen(seed)
+    return [dict(x=torch.randn(3, _randint(g, 20, 60), generator=g), block_size=8),
+            dict(x=torch.randn(2, 4, _randint(g, 33, 70), generator=g) * 40, block_size=16),
+            dict(x=torch.randn(5, _randint(g, 5, 12), generator=g), block_size=32)]
+
+
+def run_online_softmax(fn, case: dict) -> dict:
+    return {"p": fn(case["x"].clone(), case["block_size"])}
+
+
+# --- flash_attention_v1_torch(q, k, v, block_q, block_k) -> O ---------------------------
+
+def inputs_flash_attention_v1_torch(seed: int) -> list[dict]:
+    g = _gen(seed)
+    cases = []
+    for N, d, bq, bk in ((_randint(g, 40, 90), 16, 16, 16), (_randint(g, 20, 40), 32, 8, 16),
+                         (_randint(g, 5, 15), 24, 16, 16)):
+        cases.append(dict(**_qkv(g, 2, 2, N, d), block_q=bq, block_k=bk))
+    cases[0]["q"] = cases[0]["q"] * 3  # large scores: the running max changes often
+    return cases
+
+
+def run_flash_attention_v1_torch(fn, case: dict) -> dict:
+    return {"o": fn(case["q"], case["k"], case["v"], block_q=case["block_q"],
+                    block_k=case["block_k"])}
+
+
+# --- flash_attention_torch(q, k, v, causal, block_q, block_k) -> (O, L) -----------------
+
+def inputs_flash_attention_torch(seed: int) -> list[dict]:
+    g = _gen(seed)
+    cases = []
+    for N, d, causal, bq, bk in ((_randint(g, 40, 90), 16, False, 16, 16),
+                                 (_randint(g, 40, 90), 32, True, 16, 8),
+                                 (_randint(g, 20, 40), 24, True, 32, 32),
+                                 (_randint(g, 5, 15), 16, False, 16, 16)):
+        cases.append(dict(**_qkv(g, 2, 2, N, d), causal=causal, block_q=bq, block_k=bk))
+    cases[0]["q"] = cases[0]["q"] * 3
+    return cases
+
+
+def run_flash_attention_torch(fn, case: dict) -> dict:
+    o, lse = fn(case["q"], case["k"], case["v"], causal=case["causal"],
+                block_q=case["block_q"], block_k=case["block_k"])
+    return {"o": o, "lse": lse}
+
+
+# --- flash_attention_fwd(q, k, v, causal=False, scale=None) -> (O, L), Triton -----------
+
+def _fwd_cases(g, causal):
+    cases = []
+    for dtype, N, d, scale in (("float32", _randint(g, 65, 100), 64, None),
+                               ("float16", _randint(g, 30, 64), 16, None),
+                               ("bfloat16", _randint(g, 65, 100), 32, None),
+                               ("float32", _randint(g, 10, 30), 48, 0.3),
+                               ("float32", 64, 128, None)):
+        cases.append(dict(**_qkv(g, 1, 2, N, d, dtype), causal=causal, scale=scale,
+                          dtype=dtype))
+    return cases
+
+
+def inputs_flash_attention_fwd(seed: int) -> list[dict]:
+    return _fwd_cases(_gen(seed), causal=False)
+
+
+def inputs_flash_attention_fwd_causal(seed: int) -> list[dict]:
+    return _fwd_cases(_gen(seed + 1), causal=True)
+
+
+def run_flash_attention_fwd(fn, case: dict) -> dict:
+    o, lse = fn(case["q"], case["k"], case["v"], causal=case["causal"], scale=case["scale"])
+    return {"o": o, "lse": lse}
+
+
+run_flash_attention_fwd_causal = run_flash_attention_fwd
+
+
+# --- flash_attention(q, k, v, causal=False, scale=None) -> O, with backward --------------
+
+def inputs_flash_attention(seed: int) -> list[dict]:
+    g = _gen(seed)
+    cases = []
+    for dtype, N, d, causal, scale in (("float32", _randint(g, 30, 70), 16, False, None),
+                                       ("float32", _randint(g, 65, 100), 64, True, None),
+                                       ("float16", _randint(g, 30, 64), 32, True, None),
+                                       ("bfloat16", _randint(g, 30, 64), 32, False, None),
+                                       ("float32", _randint(g, 10, 30), 48, True, 0.3)):
+        qkv = _qkv(g, 1, 2, N, d, dtype)
+        cases.append(dict(**qkv, do=torch.randn(1, 2, N, d, generator=g).to(_DTYPES[dtype]),
+                          causal=causal, scale=scale, dtype=dtype))
+    return cases
+
+
+def run_flash_attention(fn, case: dict) -> dict:
+    q, k, v = (case[n].clone().requires_grad_() for n in "qkv")
+    o = fn(q, k, v, causal=case["causal"], scale=case["scale"])
+    o.backward(case["do"])
+    return {"o": o, "dq": q.grad, "dk": k.grad, "dv": v.grad}
+
+
+# --- what flash_attention keeps for its backward ----------------------------------------
+
+def inputs_flash_attention_saved(seed: int) -> list[dict]:
+    g = _gen(seed)
+    return [dict(**_qkv(g, 2, 3, _randint(g, 20, 40), 16), causal=causal) for causal in (False, True)]
+
+
+def _saved_tensors(grad_fn) -> list:
+    """ctx.save_for_backward's tensors and tensors stored as attributes of ctx."""
+    found = list(getattr(grad_fn, "saved_tensors", ()) or ())
+    for value in getattr(grad_fn, "__dict__", {}).values():
+        items = value if isinstance(value, (list, tuple)) else [value]
+        found += [t for t in items if isinstance(t, torch.Tensor)]
+    return found
+
+
+def run_flash_attention_saved(fn, case: dict) -> dict:
+    q, k, v = (case[n].clone().requires_grad_() for n in "qkv")
+    o = fn(q, k, v, causal=case["causal"])
+    if o.grad_fn is None:
+        raise RuntimeError("the output has no grad_fn: is flash_attention an autograd.Function?")
+    saved = _saved_tensors(o.grad_fn)
+    shapes = torch.full((max(len(saved), 1), 5), -1, dtype=torch.int64)
+    for i, t in enumerate(saved):
+        shapes[i, :t.dim()] = torch.tensor(t.shape[:5])
+    holds_o = any(t.shape == o.shape and torch.equal(t.detach(), o.detach()) for t in saved)
+    return {"shapes": shapes, "n_saved": len(saved), "holds_o": holds_o}

@@ -1,0 +1,271 @@
+"""lab04's hidden checks, tested both ways: the reference passes; stubs and the mistakes of
+MUTANTS.md (lab04 row) fail, each with a message that points at the mistake."""
+import math
+
+import pytest
+import torch
+
+import llmopt  # noqa: F401  (Triton's interpreter on a CPU)
+from autograder import grade_functions
+from llmopt import flash_attention as ref
+
+LAB = "lab04_flash_attention"
+CHECKS = {
+    "merge_softmax_stats": ref.merge_softmax_stats,
+    "online_softmax": ref.online_softmax,
+    "flash_attention_v1_torch": ref.flash_attention_v1_torch,
+    "flash_attention_torch": ref.flash_attention_torch,
+    "flash_attention_fwd": ref.flash_attention_fwd,
+    "flash_attention_fwd_causal": ref.flash_attention_fwd,
+    "flash_attention": ref.flash_attention,
+    "flash_attention_saved": ref.flash_attention,
+}
+
+
+def stub(*args, **kwargs):
+    raise NotImplementedError()
+
+
+def grade(name, fn, seed=1):
+    return grade_functions(LAB, {name: fn}, seed=seed)[name]
+
+
+def failed_with(result, text):
+    """Not all cases pass and some message contains ``text``."""
+    return not result.ok and any(text in m for m in result.messages), result.summary()
+
+
+@pytest.mark.parametrize("seed", [0, 12345])
+def test_reference_passes(seed):
+    results = grade_functions(LAB, CHECKS, seed=seed)
+    for result in results.values():
+        assert result.ok, result.summary()
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_stub_fails(name):
+    result = grade(name, stub)
+    assert result.passed == 0 and "NotImplementedError" in result.messages[0]
+
+
+# --- mutants: a tiled forward with one mistake each ---------------------------------------
+
+def tiled(q, k, v, causal=False, scale=None, block_q=16, block_k=16, rescale_o=True,
+          scale_twice=False, no_scale=False, strict_causal=False, tail_zero=False,
+          lse_early=False):
+    """FA2's forward in PyTorch with switchable mistakes; returns (O, L)."""
+    B, H, N, d = q.shape
+    n_k = k.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    scale = 1.0 if no_scale else scale * scale if scale_twice else scale
+    qf, kf, vf = q.float(), k.float(), v.float()
+    if tail_zero:  # pad K, V with zero rows whose scores take part unmasked
+        pad = -n_k % block_k
+        kf = torch.cat([kf, kf.new_zeros(B, H, pad, d)], 2)
+        vf = torch.cat([vf, vf.new_zeros(B, H, pad, d)], 2)
+    O, L = torch.empty(B, H, N, d), torch.empty(B, H, N)
+    for i in range(0, N, block_q):
+        Q_i = qf[:, :, i:i + block_q]
+        rows = torch.arange(i, i + Q_i.shape[2])
+        m = torch.full(Q_i.shape[:-1], float("-inf"))
+        l = torch.zeros(Q_i.shape[:-1])
+        acc = torch.zeros_like(Q_i)
+        lse = None
+        for j in range(0, kf.shape[2], block_k):
+            S = Q_i @ kf[:, :, j:j + block_k].transpose(-2, -1) * scale
+            if causal:
+                cols = torch.arange(j, j + S.shape[-1])
+                hide = cols[None] >= rows[:, None] if strict_causal else cols[None] > rows[:, None]
+                S = S.masked_fill(hide, float("-inf"))
+            if lse_early and j + block_k >= kf.shape[2] and j > 0:
+                lse = m + torch.log(l)
+            m_new = torch.maximum(m, S.max(-1).values)
+            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+            P = torch.exp(S - m_safe[..., None])
+            alpha = torch.exp(m - m_safe)
+            l = alpha * l + P.sum(-1)
+            acc = (alpha[..., None] * acc if rescale_o else acc) + P @ vf[:, :, j:j + block_k]
+            m = m_new
+        O[:, :, i:i + block_q] = acc / l[..., None]
+        L[:, :, i:i + block_q] = m + torch.log(l) if lse is None else lse
+    return O.to(q.dtype), L
+
+
+def as_v1(**bug):
+    return lambda q, k, v, block_q=64, block_k=64: tiled(q, k, v, block_q=block_q, block_k=block_k, **bug)[0]
+
+
+def as_torch(**bug):
+    return lambda q, k, v, causal=False, block_q=64, block_k=64: tiled(
+        q, k, v, causal, block_q=block_q, block_k=block_k, **bug)
+
+
+def as_fwd(**bug):
+    return lambda q, k, v, causal=False, scale=None: tiled(q, k, v, causal, scale, **bug)
+
+
+def test_tiled_helper_is_right_without_mistakes():
+    assert grade("flash_attention_torch", as_torch()).ok
+    assert grade("flash_attention_fwd_causal", as_fwd()).ok
+
+
+def test_merge_without_rescaling_l_fails():
+    result = grade("merge_softmax_stats", lambda m1, l1, m2, l2: (torch.maximum(m1, m2), l1 + l2))
+    assert failed_with(result, "rescaled by e^{m_half - m}")
+
+
+def test_merge_nan_on_empty_state_fails():
+    def naive(m1, l1, m2, l2):
+        m = torch.maximum(m1, m2)
+        return m, torch.exp(m1 - m) * l1 + torch.exp(m2 - m) * l2
+    # -inf - finite is fine; this one subtracts m from itself in the wrong order
+    def nan_merge(m1, l1, m2, l2):
+        m = torch.maximum(m1, m2)
+        return m, torch.exp(m1 - m1) * l1 * torch.exp(m1 - m) + torch.exp(m2 - m) * l2
+    assert grade("merge_softmax_stats", naive).ok
+    assert failed_with(grade("merge_softmax_stats", nan_merge), "NaN")
+
+
+def test_softmax_per_block_fails():
+    def per_block(x, block_size):
+        return torch.cat([torch.softmax(x[..., j:j + block_size], -1)
+                          for j in range(0, x.shape[-1], block_size)], -1)
+    assert failed_with(grade("online_softmax", per_block), "rows do not sum to 1")
+
+
+def test_v1_without_rescaling_o_fails():
+    assert failed_with(grade("flash_attention_v1_torch", as_v1(rescale_o=False)),
+                       "rescaled by e^{m_old - m_new}")
+
+
+@pytest.mark.parametrize("bug,text", [(dict(no_scale=True), "not scaled"),
+                                      (dict(scale_twice=True), "applied twice")])
+def test_scale_mistakes_fail(bug, text):
+    assert failed_with(grade("flash_attention_torch", as_torch(**bug)), text)
+    assert failed_with(grade("flash_attention_fwd", as_fwd(**bug)), text)
+
+
+def test_causal_off_by_one_fails():
+    assert failed_with(grade("flash_attention_torch", as_torch(strict_causal=True)), "off by one")
+    assert failed_with(grade("flash_attention_fwd_causal", as_fwd(strict_causal=True)), "off by one")
+
+
+def test_causal_flag_ignored_fails():
+    noncausal = lambda q, k, v, causal=False, scale=None: ref.flash_attention_fwd(q, k, v, False, scale)  # noqa: E731
+    assert failed_with(grade("flash_attention_fwd_causal", noncausal), "causal mask is missing")
+
+
+def test_tail_filled_with_zero_fails():
+    assert failed_with(grade("flash_attention_fwd", as_fwd(tail_zero=True)), "-inf")
+    assert failed_with(grade("flash_attention_torch", as_torch(tail_zero=True)), "-inf")
+
+
+def test_lse_before_last_block_fails():
+    assert failed_with(grade("flash_attention_torch", as_torch(lse_early=True)), "before the last")
+    assert failed_with(grade("flash_attention_fwd", as_fwd(lse_early=True)), "before the last")
+
+
+def test_o_not_rescaled_fails_in_torch_and_fwd():
+    assert failed_with(grade("flash_attention_torch", as_torch(rescale_o=False)), "e^{m_old - m_new}")
+    assert not grade("flash_attention_fwd", as_fwd(rescale_o=False)).ok
+
+
+def test_bf16_without_upcast_fails_in_the_interpreter(monkeypatch):
+    """The library's kernel with its upcast switched off: right on a GPU, wrong here."""
+    if not ref._interpreting():
+        pytest.skip("bf16 tiles are only wrong in Triton's CPU interpreter")
+    monkeypatch.setattr(ref, "_launch_params",
+                        lambda q: (1 << (q.shape[-1] - 1).bit_length(), q.dtype == torch.float32,
+                                   "ieee" if q.dtype == torch.float32 else "tf32"))
+    result = grade("flash_attention_fwd", ref.flash_attention_fwd)
+    assert failed_with(result, "bfloat16")
+    assert failed_with(result, "fp32 right after tl.load")
+
+
+# --- the backward --------------------------------------------------------------------------
+
+class SavesP(torch.autograd.Function):
+    """Right gradients, but keeps the N×N matrix P for the backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal=False, scale=None):
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        s = q @ k.transpose(-2, -1) * scale
+        if causal:
+            s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).tril().logical_not(), float("-inf"))
+        p = torch.softmax(s, -1)
+        ctx.save_for_backward(q, k, v, p)
+        ctx.scale = scale
+        return p @ v
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, p = ctx.saved_tensors
+        dv = p.transpose(-2, -1) @ do
+        dp = do @ v.transpose(-2, -1)
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+        return ds @ k * ctx.scale, ds.transpose(-2, -1) @ q * ctx.scale, dv, None, None
+
+
+class SavesMAndL(ref.FlashAttention):
+    """Keeps m and ℓ separately instead of one L = m + log ℓ."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal=False, scale=None):
+        o, lse = ref.flash_attention_fwd(q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, o, lse, torch.zeros_like(lse))
+        ctx.causal, ctx.scale = causal, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, _ = ctx.saved_tensors
+        return (*ref.flash_attention_bwd(q, k, v, o, lse, do, ctx.causal, ctx.scale), None, None)
+
+
+def test_backward_keeping_p_fails():
+    assert failed_with(grade("flash_attention_saved", SavesP.apply), "N×N")
+
+
+def test_backward_keeping_p_as_attribute_fails():
+    class PAttr(SavesP):
+        @staticmethod
+        def forward(ctx, q, k, v, causal=False, scale=None):
+            o = SavesP.forward(ctx, q, k, v, causal, scale)
+            ctx.p = ctx.saved_tensors[3]
+            ctx.save_for_backward(q, k, v, o.detach(), o.new_zeros(o.shape[:3]))
+            return o
+    assert failed_with(grade("flash_attention_saved", PAttr.apply), "N×N")
+
+
+def test_backward_keeping_m_and_l_fails():
+    assert failed_with(grade("flash_attention_saved", SavesMAndL.apply), "exactly one log-sum-exp")
+
+
+def test_backward_from_wrong_lse_fails():
+    """lse taken before the last block: the forward is right, the gradients are not."""
+    class EarlyLse(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, causal=False, scale=None):
+            o, lse = as_fwd(lse_early=True)(q, k, v, causal, scale)
+            ctx.save_for_backward(q, k, v, o, lse)
+            ctx.causal, ctx.scale = causal, scale
+            return o
+
+        @staticmethod
+        def backward(ctx, do):
+            q, k, v, o, lse = ctx.saved_tensors
+            return (*ref.flash_attention_bwd(q, k, v, o, lse, do, ctx.causal, ctx.scale), None, None)
+    result = grade("flash_attention", EarlyLse.apply)
+    assert not result.ok and any(t in " ".join(result.messages) for t in ("dQ", "dK", "dV"))
+
+
+def test_gradient_mistake_fails():
+    def no_scale_in_dq(q, k, v, causal=False, scale=None):
+        class F(ref.FlashAttention):
+            @staticmethod
+            def backward(ctx, do):
+                dq, dk, dv, *_ = ref.FlashAttention.backward(ctx, do)
+                return dq / (q.shape[-1] ** -0.5 if scale is None else scale), dk, dv, None, None
+        return F.apply(q, k, v, causal, scale)
+    assert failed_with(grade("flash_attention", no_scale_in_dq), "dQ")

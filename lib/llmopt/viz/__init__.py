@@ -1,0 +1,1 @@
+"""Widgets for the labs (ipywidgets + matplotlib); each submodule is imported on demand."""
