@@ -24,6 +24,11 @@ MODULES_UNDER_STUDY = {
 }
 
 
+# Labs whose notebooks read the course corpus (perplexity, calibration data): the grader
+# builds it once and mounts it read-only into every sandbox.
+NEEDS_CORPUS = {"lab07_gptq"}
+
+
 def modules_under_study(lab: str) -> list[str]:
     """``llmopt`` modules a submission of ``lab`` must not see (its reference answers)."""
     if lab not in MODULES_UNDER_STUDY:

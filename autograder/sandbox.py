@@ -22,6 +22,7 @@ time, file size and open files; the grader's wall clock kills the whole session,
 """
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
 import queue
@@ -34,6 +35,8 @@ import tempfile
 from . import course
 
 UID_BASE = 61000
+UID_RANGE = 1000  # slots are taken from UID_BASE .. UID_BASE + UID_RANGE - 1
+LOCK_DIR = "/run/llmopt-grader"
 CGROUP_ROOT = "/sys/fs/cgroup"
 CGROUP_NAME = "llmopt-grader"
 
@@ -93,17 +96,51 @@ class Bubblewrap:
             os.chmod(d, 0o755)
             for f in files:
                 os.chmod(os.path.join(d, f), 0o644)
+        self.peak_bytes = 0  # the largest memory.max_usage_in_bytes of any run so far
+        self._corpus = None
+        if lab in course.NEEDS_CORPUS:  # build the corpus and tokens once, trusted, then share them read-only
+            from llmopt import data
+            for split in ("train", "val", "test"):
+                data.load_tokens(split)
+            self._corpus = data.cache_dir()
         self._slots: queue.Queue[int] = queue.Queue()
-        for i in range(max(1, slots)):
-            self._slots.put(UID_BASE + i)
+        self._locks: list[int] = []
+        try:
+            for uid in _lock_uids(max(1, slots), self._locks):
+                self._slots.put(uid)
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         shutil.rmtree(self._root, ignore_errors=True)
+        for fd in self._locks:
+            os.close(fd)  # releases the flock: another grader may take the uid
+        self._locks = []
 
     # --- one run ---------------------------------------------------------------------------
 
     def acquire(self) -> int:
         return self._slots.get()
+
+    def usage(self, uid: int) -> dict:
+        """The run's cgroup accounting (call before ``release``): peak bytes, OOM kills, pids."""
+        mem, pids = _cgroup_paths(uid)
+        info = {"peak_bytes": 0, "oom_kills": 0, "pids_refused": 0}
+        try:
+            with open(os.path.join(mem, "memory.max_usage_in_bytes")) as f:
+                info["peak_bytes"] = int(f.read())
+            with open(os.path.join(mem, "memory.oom_control")) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        info["oom_kills"] = int(value)
+            with open(os.path.join(pids, "pids.events")) as f:
+                info["pids_refused"] = int(f.read().split()[-1])
+        except (OSError, ValueError, IndexError):
+            pass
+        self.peak_bytes = max(self.peak_bytes, info["peak_bytes"])
+        return info
 
     def release(self, uid: int) -> None:
         _kill_uid(uid)  # a process that escaped the session (it cannot: belt and braces)
@@ -131,9 +168,8 @@ class Bubblewrap:
         binds = [(_interpreter_root(), _interpreter_root()), (venv, venv), (self._lib, lib),
                  (os.path.join(lib, "assets"), os.path.join(lib, "assets")),
                  (self._grader, os.path.join(course.REPO, "autograder"))]
-        corpus = os.path.join(course.REPO, ".cache", "llmopt")
-        if os.path.isdir(corpus):
-            binds.append((corpus, corpus))
+        if self._corpus:
+            binds.append((self._corpus, self._corpus))
         b = ["bwrap", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
              "--unshare-cgroup-try", "--die-with-parent", "--new-session",
              "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
@@ -165,6 +201,7 @@ class Bubblewrap:
               "--setenv", "MPLCONFIGDIR", os.path.join(home, ".matplotlib"),
               "--setenv", "TRITON_CACHE_DIR", os.path.join(home, ".triton"),
               "--setenv", "HF_HUB_OFFLINE", "1", "--setenv", "TRANSFORMERS_OFFLINE", "1",
+              "--setenv", "LLMOPT_CACHE", self._corpus or os.path.join(home, ".cache", "llmopt"),
               "--setenv", "PYTHONPATH", os.pathsep.join([os.path.join(course.REPO, "lib"), course.REPO])]
         b += ["--", "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
               "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
@@ -173,6 +210,44 @@ class Bubblewrap:
         cg = _cgroup_create(uid, self.memory_bytes, self.max_pids)
         enter = " && ".join(f"echo $$ > {p}/cgroup.procs" for p in cg)
         return ["sh", "-c", f'{enter} && exec "$@"', "sandbox"] + b
+
+
+def _lock_uids(n: int, fds: list[int]) -> list[int]:
+    """Take ``n`` slot uids no other grading run on this machine holds (one flock per uid).
+
+    Two graders sharing a uid would kill each other's runs (a slot's release kills every
+    process of its uid and cgroup), so each uid is locked for the lifetime of a ``Bubblewrap``.
+    """
+    os.makedirs(LOCK_DIR, mode=0o700, exist_ok=True)
+    uids = []
+    for uid in range(UID_BASE, UID_BASE + UID_RANGE):
+        fd = os.open(os.path.join(LOCK_DIR, f"uid-{uid}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        if _uid_busy(uid):  # processes of a grader that takes no lock (or a crashed one)
+            os.close(fd)
+            continue
+        fds.append(fd)
+        uids.append(uid)
+        if len(uids) == n:
+            return uids
+    raise SandboxUnavailable(f"no free sandbox uid in {UID_BASE}..{UID_BASE + UID_RANGE - 1} "
+                             f"({len(uids)} of {n}): too many grading runs at once on this machine")
+
+
+def _uid_busy(uid: int) -> bool:
+    for path in _cgroup_paths(uid):
+        try:
+            with open(os.path.join(path, "cgroup.procs")) as f:
+                if f.read().strip():
+                    return True
+        except OSError:
+            pass
+    return subprocess.run(["pgrep", "-U", str(uid)], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, check=False).returncode == 0
 
 
 def _cgroup_paths(uid: int) -> list[str]:

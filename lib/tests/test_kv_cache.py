@@ -57,9 +57,10 @@ def test_generate_with_and_without_cache_equal_transformers_on_tiny_opt(tiny):
     with_cache = generate(model, ids, 50, use_cache=True)
     without_cache = generate(model, ids, 50, use_cache=False)
     hf = model.to_hf().eval()
+    hf.generation_config.eos_token_id = None  # plain greedy: no stop, no eos suppression
     with torch.no_grad():
         expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=50,
-                               min_new_tokens=50, do_sample=False, pad_token_id=1)
+                               do_sample=False, pad_token_id=1)
     assert with_cache.shape == (1, ids.shape[1] + 50)
     assert torch.equal(with_cache, without_cache)
     assert torch.equal(with_cache, expected)
