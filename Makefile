@@ -10,6 +10,8 @@ LAB ?= lab01_kv_cache
 SUBMISSIONS ?= .grading/demo-submissions
 JOBS ?= 2
 
+include course/hub/hub.mk
+
 .PHONY: help install sandbox-deps demo lab labs grade model bench test test-fast check-labs clean
 
 help:
@@ -20,7 +22,9 @@ help:
 	@echo "make grade     LAB=lab01_kv_cache SUBMISSIONS=folder -> grades.csv (+ nbgrader gradebook)"
 	@echo "make model     train tiny-opt (GPU recommended) into lib/llmopt/assets/tiny-opt"
 	@echo "make bench     run the GPU benchmarks into bench/results/"
-	@echo "make test      install, then run every test (lib, autograder, notebooks through the grader)"
+	@echo "make test      install, then run every test (lib, autograder, notebooks through the grader, browser)"
+	@echo "make hub       JupyterHub with nbgrader on 127.0.0.1:8000 and demo users (root)"
+	@echo "make test-browser  Playwright + Debian's Chromium against JupyterLab and the hub"
 
 install: $(STAMP) sandbox-deps
 
@@ -61,6 +65,7 @@ bench: install
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
+	$(MAKE) --no-print-directory test-browser
 
 clean:
-	rm -rf .grading .pytest_cache grades.csv
+	rm -rf .grading .pytest_cache grades.csv .artifacts

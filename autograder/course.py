@@ -67,6 +67,7 @@ def nbgrader_config(c=None, workdir: str = DEFAULT_WORKDIR, release_dir: str | N
     c = Config() if c is None else c
     _venv_tools_on_path()
     workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)  # the gradebook's folder (sqlite cannot create it)
     c.CourseDirectory.root = REPO
     c.CourseDirectory.course_id = COURSE_ID
     c.CourseDirectory.source_directory = "solutions"

@@ -30,7 +30,8 @@ Everything listens on 127.0.0.1.  Settings come from the environment (defaults i
   LLMOPT_COURSE_ROOT [<the instructor's root folder>/llm-optimization-labs]  the course root
                                     (it must lie inside the server's root folder)
   LLMOPT_HUB_USERDIR [unset]        e.g. /tmp/run/{username}: start each server there instead
-                                    of the home, with JupyterLab's settings and workspaces in
+                                    of the home, with JupyterLab's settings and workspaces and
+                                    Jupyter's data folder (nbgrader's cache) in
                                     it (the browser tests use it to start clean)
 """
 import os
@@ -105,6 +106,10 @@ def pre_spawn_hook(spawner):
         spawner.notebook_dir = root
         extra["JUPYTERLAB_WORKSPACES_DIR"] = os.path.join(root, ".workspaces")
         extra["JUPYTERLAB_SETTINGS_DIR"] = os.path.join(root, ".settings")
+        extra["JUPYTER_DATA_DIR"] = os.path.join(root, ".jupyter-data")  # nbgrader's cache too
+    # nbgrader resolves its assignment folder (fetch, submit, feedback) against the server
+    # process's working folder, which is the home: name the server's root folder instead.
+    extra["LLMOPT_NOTEBOOK_ROOT"] = root
     if role == "instructor":
         # The formgrader needs the course root inside the server's root folder.
         extra["LLMOPT_COURSE_ROOT"] = env("LLMOPT_COURSE_ROOT") or os.path.join(root, "llm-optimization-labs")

@@ -43,6 +43,8 @@ missing=()
 /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 command -v npm >/dev/null || missing+=(nodejs npm)
 command -v useradd >/dev/null || missing+=(passwd)
+command -v sudo >/dev/null || missing+=(sudo)
+command -v bwrap >/dev/null || missing+=(bubblewrap)  # the autograder's sandbox
 if [ ${#missing[@]} -gt 0 ]; then
   log "apt-get install ${missing[*]}"
   apt-get update -qq
@@ -98,6 +100,23 @@ cat > "$VENV/share/jupyter/lab/settings/overrides.json" <<'JSON'
 }
 JSON
 
+# --- grading on the hub: the sandboxed grader runs as root through one sudo rule -----------
+# <prefix>/course is the course as the administrator installed it (root-owned): the code that
+# runs as root. Instructors (Unix group llmopt-instructors) may run only the helper.
+rm -rf "$PREFIX/course.new" && mkdir -p "$PREFIX/course.new"
+cp -r "$REPO/autograder" "$REPO/lib" "$REPO/solutions" "$PREFIX/course.new/"
+find "$PREFIX/course.new" \( -name __pycache__ -o -name '*.egg-info' -o -name tests \) -prune -exec rm -rf {} +
+rm -rf "$PREFIX/course" && mv "$PREFIX/course.new" "$PREFIX/course"
+mkdir -p "$PREFIX/bin"
+{ echo "#!$VENV/bin/python -I"; cat "$REPO/course/hub/grade_submission.py"; } > "$PREFIX/bin/llmopt-grade-submission"
+chown -R root:root "$PREFIX/course" "$PREFIX/bin"
+chmod 755 "$PREFIX/bin/llmopt-grade-submission"
+getent group llmopt-instructors >/dev/null || groupadd llmopt-instructors
+sudoers=$(mktemp)
+echo "%llmopt-instructors ALL=(root) NOPASSWD: $PREFIX/bin/llmopt-grade-submission" > "$sudoers"
+visudo -cqf "$sudoers" && install -m 440 "$sudoers" /etc/sudoers.d/llmopt-hub
+rm -f "$sudoers"
+
 # --- the proxy: configurable-http-proxy from npm, in an ignored folder of the repo ------
 if [ ! -x "$STATE/npm/node_modules/.bin/configurable-http-proxy" ] || \
    ! grep -q "\"version\": \"$CHP_VERSION\"" "$STATE/npm/node_modules/configurable-http-proxy/package.json" 2>/dev/null; then
@@ -114,6 +133,7 @@ make_user() {
 }
 if [ $want_users = 1 ]; then
   for u in "${DEMO_INSTRUCTORS[@]}" "${DEMO_STUDENTS[@]}"; do make_user "$u"; done
+  for u in "${DEMO_INSTRUCTORS[@]}"; do usermod -aG llmopt-instructors "$u"; done
   mkdir -p "$EXCHANGE" && chmod 777 "$EXCHANGE"
   want_course=1
 fi
@@ -121,7 +141,7 @@ if [ $want_course = 1 ]; then
   home=$(getent passwd "${DEMO_INSTRUCTORS[0]}" | cut -d: -f6)
   if [ ! -d "$home/llm-optimization-labs" ]; then
     log "copying the course into $home/llm-optimization-labs (the instructor's course root)"
-    "$REPO/course/hub/copy-course.sh" "$home/llm-optimization-labs" "${DEMO_INSTRUCTORS[0]}"
+    bash "$REPO/course/hub/copy-course.sh" "$home/llm-optimization-labs" "${DEMO_INSTRUCTORS[0]}"
   fi
 fi
 log "ready: $VENV, $STATE/npm, exchange $EXCHANGE"

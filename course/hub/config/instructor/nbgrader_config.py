@@ -18,5 +18,17 @@ import autograder.course  # noqa: E402
 if os.path.abspath(autograder.course.REPO) != root:
     raise RuntimeError(f"autograder was imported from {autograder.course.REPO}, not from the course "
                        f"root {root}: start the server with the course root first on sys.path")
-autograder.course.nbgrader_config(c, workdir=os.path.join(root, ".grading"))
+workdir = os.path.join(root, ".grading")  # gradebook, submissions, feedback, results
+os.makedirs(workdir, exist_ok=True)  # sqlite cannot create the gradebook's folder itself
+autograder.course.nbgrader_config(c, workdir=workdir)
+# Autograde (formgrader button or `nbgrader autograde`) grades in the sandbox as root, through
+# the hub's sudo helper: see hub_grading.py beside this file.
+here = os.path.dirname(os.path.abspath(__file__))
+if here not in sys.path:
+    sys.path.append(here)
+c.Autograde.autograde_preprocessors = [
+    "hub_grading.SandboxedApplyVerdicts" if p == "autograder.nbgrader_plugins.ApplyVerdicts" else p
+    for p in c.Autograde.autograde_preprocessors]
 c.Exchange.root = os.environ.get("LLMOPT_HUB_EXCHANGE", "/srv/nbgrader/exchange")
+# Fetched assignments and feedback go into the server's root folder (the hub says which).
+c.Exchange.assignment_dir = os.environ.get("LLMOPT_NOTEBOOK_ROOT", ".")

@@ -4,3 +4,5 @@ import os
 c = get_config()  # noqa: F821
 c.CourseDirectory.course_id = "llm-optimization-labs"
 c.Exchange.root = os.environ.get("LLMOPT_HUB_EXCHANGE", "/srv/nbgrader/exchange")
+# Fetched assignments and feedback go into the server's root folder (the hub says which).
+c.Exchange.assignment_dir = os.environ.get("LLMOPT_NOTEBOOK_ROOT", ".")
