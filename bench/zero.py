@@ -1,0 +1,221 @@
+"""ZeRO stages 0–3 (llmopt.zero) vs PyTorch FSDP2 ``fully_shard``: equivalence, memory, time.
+
+    PYTHONPATH=lib python3 bench/zero.py            # GPUs: NCCL, one process per GPU
+    PYTHONPATH=lib python3 bench/zero.py --cpu      # smoke test: gloo, 2 ranks, tiny model
+
+1. Equivalence: 5 steps (fp32, AdamW) of every stage on a small transformer, the batch split
+   over the ranks, against one process on the whole batch: max |Δparam|.
+2. Speed and memory: OPT-125m-, 1.3b-, 2.7b- and 6.7b-sized transformers (bf16 weights,
+   fp32 master copy and AdamW state), batch per GPU × 1,024 tokens: per-GPU peak memory
+   (``torch.cuda.max_memory_allocated``) and median step time (CUDA events) of stages 0–3
+   and of ``fully_shard`` per block (bf16 parameters, bf16 reduction, fp32 sharded
+   master params), measured in the same run on the same GPUs.
+Results: ``bench/results/zero.json`` (or ``$OUT/zero.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "lib"))
+
+from llmopt.parallel import launch  # noqa: E402
+
+CONFIGS = {  # OPT's shapes (vocab 50272, learned positions)
+    "tiny": dict(vocab=512, d=64, layers=2, heads=4, ffn=256, batch=4, seq=32),
+    "opt-125m": dict(vocab=50272, d=768, layers=12, heads=12, ffn=3072, batch=8, seq=1024),
+    "opt-1.3b": dict(vocab=50272, d=2048, layers=24, heads=32, ffn=8192, batch=4, seq=1024),
+    "opt-2.7b": dict(vocab=50272, d=2560, layers=32, heads=32, ffn=10240, batch=2, seq=1024),
+    "opt-6.7b": dict(vocab=50272, d=4096, layers=32, heads=32, ffn=16384, batch=1, seq=1024),
+}
+# 6.7B: 16 bytes of model state per parameter is 107 GB at stage 0 — only the sharded modes
+MODES = {"opt-6.7b": ["stage2", "stage3", "fully_shard"]}
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads, ffn):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)  # k-bias grads are pure rounding noise
+        self.proj = nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+
+    def forward(self, x):                                                   # (B, T, d)
+        B, T, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, d // self.heads).unbind(2)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                           v.transpose(1, 2), is_causal=True)  # (B, H, T, dh)
+        x = x + self.proj(a.transpose(1, 2).reshape(B, T, d))
+        return x + self.fc2(F.relu(self.fc1(self.ln2(x))))
+
+
+class Transformer(nn.Module):
+    """OPT-shaped decoder: pre-LN blocks in a ModuleList, tied embedding and head."""
+
+    def __init__(self, vocab, d, layers, heads, ffn, max_pos=2048, **_):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(max_pos, d)
+        self.blocks = nn.ModuleList(Block(d, heads, ffn) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+
+    def forward(self, ids):                                                 # (B, T)
+        x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device))
+        for b in self.blocks:
+            x = b(x)
+        return self.ln_f(x) @ self.wte.weight.t()                           # (B, T, V)
+
+
+def lm_loss(model, ids):
+    logits = model(ids[:, :-1])
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def _device(rank):
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        and torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+
+
+def equivalence(rank, world_size, steps=5):
+    """max |Δparam| of every stage (and fully_shard) vs one process on the whole batch."""
+    from llmopt.zero import gather_full_params, shard_model
+    dev = _device(rank)
+    cfg = CONFIGS["tiny"]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg["vocab"], (cfg["batch"] * world_size, cfg["seq"]), generator=g).to(dev)
+    b = cfg["batch"]
+
+    def fresh():
+        torch.manual_seed(0)
+        return Transformer(**cfg).to(dev)
+
+    ref = fresh()
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+    for _ in range(steps):
+        lm_loss(ref, ids).backward()
+        opt.step()
+        opt.zero_grad()
+    ref = {k: v.detach() for k, v in ref.named_parameters()}
+    out = {}
+    for stage in range(4):
+        model, opt = shard_model(fresh(), stage, torch.optim.AdamW, lr=1e-3)
+        for _ in range(steps):
+            lm_loss(model, ids[rank * b:(rank + 1) * b]).backward()
+            opt.step()
+            opt.zero_grad()
+        full = gather_full_params(model)
+        out[f"stage{stage}"] = max((full[k] - ref[k]).abs().max().item() for k in ref)
+    return out
+
+
+def speed(rank, world_size, name, modes, steps=5):
+    from llmopt.bench import time_ms
+    from llmopt.zero import shard_model
+    dev = _device(rank)
+    cfg = CONFIGS[name]
+    ids = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"] + 1), device=dev,
+                        generator=torch.Generator(dev).manual_seed(rank))
+    rows = []
+    for mode in modes:
+        torch.manual_seed(0)
+        gc.collect()                    # the last mode's model lives in hook cycles
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            if mode == "fully_shard":
+                from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+                with torch.device(dev):
+                    model = Transformer(**cfg)                     # fp32 master params
+                mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+                for blk in model.blocks:
+                    fully_shard(blk, mp_policy=mp)
+                fully_shard(model, mp_policy=mp)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            else:
+                with torch.device(dev):
+                    model = Transformer(**cfg).to(torch.bfloat16)  # bf16 weights + fp32 master
+                model, opt = shard_model(model, int(mode[-1]), torch.optim.AdamW, lr=1e-4)
+
+            def step():
+                lm_loss(model, ids).backward()
+                opt.step()
+                opt.zero_grad()
+
+            ms = time_ms(step, warmup=2, rep=steps, device=dev)
+            peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
+            lm_loss(model, ids).backward()          # model state after backward, before step
+            state = _state_bytes(model, opt, mode)
+            opt.zero_grad()
+            rows.append(dict(config=name, mode=mode, world_size=world_size, rank=rank,
+                             step_ms=round(ms, 2), peak_gib=round(peak / 2**30, 3),
+                             state_gib={k: round(v / 2**30, 3) for k, v in state.items()},
+                             params=sum(p.numel() for p in model.parameters()) if mode == "stage0" else None,
+                             tokens_per_step=cfg["batch"] * cfg["seq"] * world_size))
+        except torch.OutOfMemoryError:
+            rows.append(dict(config=name, mode=mode, world_size=world_size, rank=rank, oom=True))
+        finally:
+            model = opt = None
+    return rows
+
+
+def _state_bytes(model, opt, mode) -> dict:
+    """Model-state bytes on this rank: measured_state_bytes, or the DTensor shards of FSDP2."""
+    from llmopt.parallel import measured_state_bytes
+    if mode != "fully_shard":
+        return measured_state_bytes(opt, model)
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+    nbytes = lambda t: local(t).numel() * local(t).element_size()     # noqa: E731
+    out = {"params": sum(nbytes(p) for p in model.parameters()),
+           "grads": sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None),
+           "optimizer": sum(nbytes(v) for st in opt.state.values() for v in st.values()
+                            if isinstance(v, torch.Tensor))}
+    out["total"] = sum(out.values())
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--configs", default="opt-125m,opt-1.3b,opt-2.7b,opt-6.7b")
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    args = ap.parse_args()
+    from llmopt.bench import write_results
+    gpus = torch.cuda.device_count() if not args.cpu else 0
+    world_size = gpus if gpus >= 2 else 2
+    backend = "nccl" if gpus >= 2 else "gloo"
+    t0 = time.time()
+    eq = launch(equivalence, world_size, backend=backend, timeout=300)
+    print("equivalence (max |Δparam| vs one process):", eq[0], f"{time.time() - t0:.0f}s", flush=True)
+    modes = ["stage0", "stage1", "stage2", "stage3", "fully_shard"]
+    rows, path = [], None
+    for name in (["tiny"] if args.cpu else args.configs.split(",")):
+        try:
+            res = launch(speed, world_size, name, MODES.get(name, modes), backend=backend,
+                         timeout=150 if name in ("opt-2.7b", "opt-6.7b") else 240)
+        except Exception as exc:  # one config failing (OOM on one rank, time-out) keeps the rest
+            print(f"{name} failed: {type(exc).__name__}: {str(exc)[:500]}", flush=True)
+            rows.append(dict(config=name, error=f"{type(exc).__name__}: {str(exc)[:300]}"))
+            continue
+        for r in res:
+            rows.extend(r)
+        for r in res[0]:
+            print(r, flush=True)
+        print(f"{name} done {time.time() - t0:.0f}s", flush=True)
+        path = write_results(   # after every config: a later time-out keeps what is done
+            "zero", rows, out_dir=args.out, world_size=world_size, backend=backend,
+            equivalence=eq[0], equivalence_dtype="float32", equivalence_optimizer="AdamW, 5 steps",
+            setup="AdamW; stages 0-3: bf16 model + fp32 master shard, bf16 reduction; "
+                  "fully_shard: bf16 param/reduce dtype, fp32 sharded params; one unit per block")
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
