@@ -12,7 +12,7 @@ JOBS ?= 2
 
 include course/hub/hub.mk
 
-.PHONY: help install sandbox-deps demo lab labs grade model bench test test-fast check-labs clean
+.PHONY: help install sandbox-deps demo lab labs grade model bench test loadtest clean
 
 help:
 	@echo "make install   create .venv and install everything (torch pinned to 2.13.0)"
@@ -23,6 +23,7 @@ help:
 	@echo "make model     train tiny-opt (GPU recommended) into lib/llmopt/assets/tiny-opt"
 	@echo "make bench     run the GPU benchmarks into bench/results/"
 	@echo "make test      install, then run every test (lib, autograder, notebooks through the grader, browser)"
+	@echo "make loadtest  grade N=200 lab01 submissions (correct/wrong/hostile) twice + a serial sample -> bench/results/loadtest.json"
 	@echo "make hub       JupyterHub with nbgrader on 127.0.0.1:8000 and demo users (root)"
 	@echo "make test-browser  Playwright + Debian's Chromium against JupyterLab and the hub"
 
@@ -62,10 +63,14 @@ bench: install
 	$(PY) bench/kv_cache.py
 	$(PY) bench/flash_attention.py
 	$(PY) bench/gptq.py
+	$(PY) bench/zero.py
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
 	$(MAKE) --no-print-directory test-browser
+
+loadtest: install labs
+	$(PY) -m autograder.loadtest --n $(or $(N),200) --jobs $(JOBS) $(if $(SERIAL),--serial-sample $(SERIAL),)
 
 clean:
 	rm -rf .grading .pytest_cache grades.csv .artifacts

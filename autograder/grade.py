@@ -23,6 +23,7 @@ import os
 import secrets
 import shutil
 import sys
+import threading
 import traceback
 
 from . import course
@@ -45,6 +46,9 @@ class SubmissionResult:
     message: str = ""
     cells: dict = dataclasses.field(default_factory=dict)  # grade_id -> score, max, message
     out_dir: str = ""
+    timestamp: str = ""  # the submission's timestamp.txt, when it is plausible (see read_timestamp)
+    seconds: float = 0.0  # wall-clock seconds of the sandboxed run
+    peak_bytes: int = 0  # the sandbox cgroup's peak memory use
 
     def row(self) -> dict:
         return {"student": self.student, "lab": self.lab, "score": round(self.score, 2),
@@ -93,8 +97,54 @@ def _save_result(result: SubmissionResult, workdir: str) -> None:
         json.dump(dataclasses.asdict(result), f, indent=1)
 
 
+MAX_CLOCK_SKEW_S = 300
+
+
+def read_timestamp(nb_path: str, now=None) -> tuple[str, str]:
+    """(timestamp, note) from ``timestamp.txt`` beside the notebook, read as untrusted.
+
+    nbgrader's late penalties read this file, and the student's own client writes it at
+    submit time, so it can be forged. It is kept only if it is a regular file (no symlink),
+    small, parses as a date, and is not in the future (beyond ``MAX_CLOCK_SKEW_S``); otherwise
+    it is dropped and the note says why (the instructor can then use the collect time).
+    """
+    import datetime
+
+    from nbgrader.utils import parse_utc
+
+    folder = os.path.dirname(nb_path)
+    try:
+        raw = read_untrusted(folder, "timestamp.txt", cap=200)
+    except FileNotFoundError:
+        return "", ""
+    except (OSError, ValueError) as exc:
+        return "", f"timestamp.txt ignored ({exc})"
+    text = raw.decode("utf-8", "replace").strip()
+    try:
+        when = parse_utc(text)
+    except Exception:  # dateutil raises several kinds
+        return "", f"timestamp.txt ignored (not a date: {text[:40]!r})"
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    if (when - now).total_seconds() > MAX_CLOCK_SKEW_S:
+        return "", f"timestamp.txt ignored (in the future: {text[:40]})"
+    return text, ""
+
+
+# Verifiers draw inputs and build reference models with torch's global RNG
+# (``torch.manual_seed``): two pool threads verifying at once would interleave it and judge
+# against a wrong reference. Verification is cheap next to running a notebook: one at a time.
+_VERIFY_LOCK = threading.Lock()
+
+
 def _score(lab: str, source_nb: dict, seed: int, records: str) -> tuple[float, float, dict, list]:
     """Per grade cell: points × mean fraction of the cases of its checks that passed."""
+    with _VERIFY_LOCK:
+        return _score_unlocked(lab, source_nb, seed, records)
+
+
+def _score_unlocked(lab, source_nb, seed, records):
     cells, failing = {}, []
     total = maximum = 0.0
     for gc in grade_cells(source_nb):
@@ -126,6 +176,7 @@ def grade_submission(lab: str, student: str, nb_path: str, *, workdir: str = cou
             student_nb = read_notebook(nb_path)
         except NotGradable as exc:
             return SubmissionResult(student, lab, "not_gradable", message=str(exc), out_dir=out_dir)
+        timestamp, ts_note = read_timestamp(nb_path)
         with open(course.source_notebook(lab)) as f:
             source_nb = json.load(f)
         if os.path.isdir(out_dir):
@@ -149,13 +200,19 @@ def grade_submission(lab: str, student: str, nb_path: str, *, workdir: str = cou
         if run.ended == "executor_error":  # the grader could not run it: retry, never a zero
             raise RuntimeError(f"the notebook could not be executed: {run.detail}")
         score, maximum, cells, failing = _score(lab, source_nb, seed, os.path.join(run_dir, "records"))
-        notes = {"completed": "", "kernel_died": "the kernel died (os._exit, a crash or out of "
-                 "memory?); checks after that point were not run",
+        died = ("the kernel ran out of memory (over the sandbox's limit)"
+                if "out of memory" in run.detail else
+                "the notebook hit the sandbox's process limit (a fork bomb?)"
+                if "process limit" in run.detail else
+                "the kernel died (os._exit, a crash or out of memory?)")
+        notes = {"completed": "", "kernel_died": f"{died}; checks after that point were not run",
                  "timeout": f"stopped: {run.detail}; checks after that point were not run"}
         parts = [notes.get(run.ended, run.ended)]
         parts.append("all checks passed" if not failing else "failed: " + ", ".join(failing))
+        parts.append(ts_note)
         result = SubmissionResult(student, lab, "graded", score, maximum,
-                                  "; ".join(p for p in parts if p), cells, out_dir)
+                                  "; ".join(p for p in parts if p), cells, out_dir, timestamp,
+                                  round(run.seconds, 2), int(run.usage.get("peak_bytes", 0)))
     except Exception as exc:  # our fault, not the student's: retryable
         result = SubmissionResult(student, lab, "error",
                                   message=f"grader error (retry): {type(exc).__name__}: {exc}",
@@ -171,6 +228,9 @@ def find_submissions(lab: str, folder: str) -> list[tuple[str, str | None, str]]
     for student in sorted(os.listdir(folder)):
         lab_dir = os.path.join(folder, student, lab)
         if not os.path.isdir(lab_dir):
+            continue
+        if os.path.islink(os.path.join(folder, student)) or os.path.islink(lab_dir):
+            found.append((student, None, f"{student}/{lab}/ is a symbolic link; submit the folder itself"))
             continue
         notebooks = sorted(n for n in os.listdir(lab_dir) if n.endswith(".ipynb"))
         if f"{lab}.ipynb" in notebooks:
@@ -206,6 +266,12 @@ def write_gradebook(lab: str, results: list[SubmissionResult], workdir: str) -> 
         dest = os.path.join(workdir, "submitted", r.student, lab)
         os.makedirs(dest, exist_ok=True)
         shutil.copy(os.path.join(r.out_dir, "sanitized.ipynb"), os.path.join(dest, f"{lab}.ipynb"))
+        ts = os.path.join(dest, "timestamp.txt")
+        if r.timestamp:  # checked by read_timestamp; nbgrader's late penalty uses it
+            with open(ts, "w") as f:
+                f.write(r.timestamp)
+        elif os.path.lexists(ts):
+            os.remove(ts)
         PRECOMPUTED[(r.student, lab)] = r
         try:
             out = api.autograde(lab, r.student, force=True, create=True)
@@ -262,8 +328,11 @@ def _grade_folder(lab, folder, out_csv, jobs, workdir, timeout, gradebook, sandb
             student, note = futures[fut]
             try:
                 r = fut.result()
-            except Exception as exc:  # a worker fault: retryable, never a zero
-                r = SubmissionResult(student, lab, "error", message=f"grader error (retry): {exc}")
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # a worker fault (even SystemExit): retryable, never a zero
+                r = SubmissionResult(student, lab, "error",
+                                     message=f"grader error (retry): {type(exc).__name__}: {exc}")
             if note and r.status == "graded":
                 r.message = f"{note}; {r.message}"
             results[student] = r

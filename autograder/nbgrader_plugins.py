@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from nbformat.v4 import new_output
 from nbgrader.preprocessors import NbGraderPreprocessor
@@ -18,14 +19,22 @@ from traitlets import Bool, Unicode
 
 SAFE_MIME = ("text/plain", "image/png", "image/jpeg")
 MAX_OUTPUT_CHARS = 20_000
+MAX_CELL_CHARS = 200_000  # text kept per cell (images count by their base64 size)
+MAX_CELL_OUTPUTS = 50
+# Images are put into an <img src="data:...;base64,{{ data }}"> attribute unescaped by
+# nbconvert's templates: anything but base64 could close the attribute and add a handler.
+_BASE64 = re.compile(r"[A-Za-z0-9+/=\s]*")
 
 
 def safe_outputs(outputs: list) -> list:
     """Student outputs reduced to streams, errors and plain text or images, size-capped."""
-    kept = []
+    kept, total = [], 0
     for out in outputs or []:
         if not isinstance(out, dict):
             continue
+        if total > MAX_CELL_CHARS or len(kept) >= MAX_CELL_OUTPUTS:
+            kept.append(new_output("stream", name="stdout", text="[more output left out]\n"))
+            break
         kind = out.get("output_type")
         if kind == "stream" and out.get("name") in ("stdout", "stderr"):
             text = out.get("text", "")
@@ -33,14 +42,20 @@ def safe_outputs(outputs: list) -> list:
             kept.append(new_output("stream", name=out["name"], text=text[:MAX_OUTPUT_CHARS]))
         elif kind in ("display_data", "execute_result"):
             data = {k: v for k, v in (out.get("data") or {}).items() if k in SAFE_MIME}
-            data = {k: ("".join(v) if isinstance(v, list) else str(v))[:4 * 2**20]
-                    for k, v in data.items()}
+            data = {k: ("".join(v) if isinstance(v, list) else str(v)) for k, v in data.items()}
+            data = {k: v[:MAX_OUTPUT_CHARS] if k == "text/plain" else v for k, v in data.items()
+                    if k == "text/plain" or (len(v) <= 4 * 2**20 and _BASE64.fullmatch(v))}
             if data:
                 kept.append(new_output("display_data", data=data))
         elif kind == "error":
             tb = [str(line)[:2000] for line in (out.get("traceback") or [])][-20:]
             kept.append(new_output("error", ename=str(out.get("ename", ""))[:200],
                                    evalue=str(out.get("evalue", ""))[:2000], traceback=tb))
+        else:
+            continue
+        last = kept[-1]
+        total += sum(len(v) for v in (last.get("data") or {}).values()) + len(last.get("text", "")) \
+            + sum(len(t) for t in last.get("traceback", []))
     return kept
 
 

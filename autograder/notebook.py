@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import html
 import json
+import os
 import re
+import stat
 
 MAX_NOTEBOOK_BYTES = 32 * 2**20
 _CHECK_CALL = re.compile(r"""\bcheck\(\s*["']([A-Za-z_][A-Za-z0-9_]*)["']""")
@@ -25,11 +28,16 @@ class NotGradable(Exception):
 
 def read_notebook(path: str) -> dict:
     """Parse a notebook file into a dict, or raise ``NotGradable`` saying what is wrong."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_NOTEBOOK_BYTES + 1)
+    try:  # never follow a symlink (to another student's notebook, or a file of the grader's)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
-        raise NotGradable(f"cannot open {path}: {exc.strerror}") from None
+        reason = "it is a symbolic link; submit the notebook file itself" \
+            if os.path.islink(path) else exc.strerror
+        raise NotGradable(f"cannot open {os.path.basename(path)}: {reason}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise NotGradable(f"{os.path.basename(path)} is not a regular file")
+        raw = f.read(MAX_NOTEBOOK_BYTES + 1)
     if len(raw) > MAX_NOTEBOOK_BYTES:
         raise NotGradable(f"the notebook is over {MAX_NOTEBOOK_BYTES // 2**20} MB; clear the "
                           "outputs (Edit > Clear Outputs of All Cells), save, and resubmit")
@@ -78,6 +86,21 @@ def grade_cells(source_nb: dict) -> list[GradeCell]:
     return cells
 
 
+_TAG_START = re.compile(r"<(?=[A-Za-z!/?])")
+_BAD_SCHEME = re.compile(r"(?i)\b(javascript|vbscript|data)(\s*):")
+
+
+def safe_markdown(text: str) -> str:
+    """Student markdown with raw HTML neutralised (rendered as text, not as markup).
+
+    nbgrader's feedback and the formgrader render markdown with raw HTML passed through
+    (``<script>``, ``<img onerror>``, ``<iframe>``...). Every ``<`` that starts a tag, a comment
+    or a declaration becomes ``&lt;`` (so ``a < b`` and math stay as they are), and
+    ``javascript:``, ``vbscript:`` and ``data:`` links lose their scheme.
+    """
+    return _BAD_SCHEME.sub(lambda m: f"{m.group(1)}-blocked{m.group(2)}:", _TAG_START.sub("&lt;", text))
+
+
 def sanitize(student_nb: dict, source_nb: dict) -> dict:
     """The notebook to execute: the student's answers inside the instructor's frame.
 
@@ -88,7 +111,9 @@ def sanitize(student_nb: dict, source_nb: dict) -> dict:
     - a duplicate or unknown grade_id makes the cell an ordinary student cell;
     - source cells missing from the submission are inserted after the nearest earlier
       source cell that is present (or at the end).
-    Outputs are cleared; the student's metadata is dropped.
+    Outputs are cleared; the student's metadata and attachments are dropped; the student's
+    markdown (answers and extra cells) goes through ``safe_markdown`` and raw cells are
+    HTML-escaped (nbconvert renders raw cells without a MIME type as HTML).
     """
     src_cells = source_nb["cells"]
     src_by_id = {nbgrader_meta(c).get("grade_id"): (i, c) for i, c in enumerate(src_cells)
@@ -105,10 +130,18 @@ def sanitize(student_nb: dict, source_nb: dict) -> dict:
             new = copy.deepcopy(src)
             if smeta.get("solution") and not smeta.get("locked"):
                 new["source"] = cell_source(cell)  # the student's answer
+                if ctype == "markdown":
+                    new["source"] = safe_markdown(new["source"])
+                new.pop("attachments", None)
             out.append((i, new))
         else:
+            text = cell_source(cell)
+            if ctype == "markdown":
+                text = safe_markdown(text)
+            elif ctype != "code":
+                text = html.escape(text)
             new = {"cell_type": ctype if ctype in ("code", "markdown") else "raw",
-                   "metadata": {}, "source": cell_source(cell)}
+                   "metadata": {}, "source": text}
             out.append((None, new))
     for gid, (i, src) in sorted(src_by_id.items(), key=lambda kv: kv[1][0]):
         if gid in seen:

@@ -35,6 +35,7 @@ class Execution:
     ended: str
     seconds: float
     detail: str = ""
+    usage: dict = dataclasses.field(default_factory=dict)  # the sandbox's cgroup accounting
 
 
 def read_untrusted(base: str, *parts: str, cap: int) -> bytes:
@@ -86,6 +87,7 @@ def execute_notebook(nb_path: str, run_dir: str, log_path: str, lab: str, seed: 
     })
     os.makedirs(os.path.join(run_dir, "home"), exist_ok=True)
     uid = sandbox.acquire() if sandbox is not None else None
+    usage: dict = {}
     t0 = time.perf_counter()
     try:
         cmd = sandbox.command(argv, run_dir, uid, env) if sandbox is not None else argv
@@ -104,19 +106,40 @@ def execute_notebook(nb_path: str, run_dir: str, log_path: str, lab: str, seed: 
                 _kill_session(proc)  # anything the notebook left running in the session
     finally:
         if sandbox is not None:
+            usage = sandbox.usage(uid)
             sandbox.release(uid)
     seconds = time.perf_counter() - t0
+    oom = usage.get("oom_kills", 0) > 0
+    # Tasks refused by the pids cgroup: the submission exhausted them (the executor shares
+    # the limit and then fails to start threads); its own doing, like running out of memory.
+    forkbomb = ("the submission hit the sandbox's process limit (a fork bomb?) and the run "
+                "broke down" if usage.get("pids_refused", 0) > 0 else "")
     try:
         status = json.loads(read_untrusted(run_dir, "status.json", cap=4096))
         ended = str(status.get("ended", "executor_error"))
         if ended not in ("completed", "kernel_died", "executor_error"):
             ended = "executor_error"
-        return Execution(ended, seconds, str(status.get("detail", ""))[:500])
+        detail = str(status.get("detail", ""))[:500]
+        if ended == "kernel_died" and oom:
+            detail = f"out of memory (over the sandbox's limit); {detail}"
+        if ended == "executor_error" and forkbomb:
+            ended, detail = "kernel_died", f"{forkbomb} ({detail[:200]})"
+        return Execution(ended, seconds, detail, usage)
     except (OSError, ValueError, AttributeError):
         with open(log_path, "rb") as f:
             f.seek(max(0, os.path.getsize(log_path) - 800))
             tail = f.read().decode("utf-8", "replace")
-        if proc.returncode in (-9, 137):
-            return Execution("kernel_died", seconds, "the run was killed (out of memory or a limit)")
+        tail = "\n".join(line for line in tail.splitlines()  # ipykernel's standard warning
+                          if "Kernel is running over TCP without encryption" not in line).strip()
+        if oom:  # the submission used more memory than it may: its own doing
+            return Execution("kernel_died", seconds, "killed: out of memory (over the sandbox's "
+                             "limit)", usage)
+        if forkbomb:
+            return Execution("kernel_died", seconds, forkbomb, usage)
+        # No status and no OOM: the executor itself was killed (by the host, or by the
+        # submission signalling its parent). Never a silent zero: the grader reports an error.
+        how = ("killed (by the host, or by the submission signalling it)"
+               if proc.returncode in (-9, 137, -15, 143) else "failed")
         return Execution("executor_error", seconds,
-                         f"the executor exited with code {proc.returncode}: {tail}")
+                         f"the executor {how} without writing a status (exit code "
+                         f"{proc.returncode}): {tail[-300:]}", usage)

@@ -54,6 +54,11 @@ def graded(request, tmp_path_factory):
                            if c.get("metadata", {}).get("nbgrader", {}).get("grade_id") == "check_kv_cache_bytes")
         write(subs, "frank", lab, with_cell(solved, first_check + 1, "import os\nos._exit(1)"))
         write(subs, "gina", lab, with_cell(solved, first_check + 1, "while True:\n    pass"))
+        # warnings and stderr inside a graded function, i.e. inside the grade cells
+        noisy = "    import sys, warnings; warnings.warn('harmless'); print('noise', file=sys.stderr)\n"
+        old = "    head_dim = config.d_model // config.n_head\n"
+        write(subs, "hana", lab, sample_submission(lab, release_path(lab),
+                                                   replace={"kv_cache_bytes_impl": (old, noisy + old)}))
     out_csv = root / "grades.csv"
     workdir = root / "grading"
     results = grade_folder(lab, str(subs), str(out_csv), jobs=2, workdir=str(workdir),
@@ -93,7 +98,7 @@ def test_scores_land_in_the_gradebook(graded):
     with Gradebook(f"sqlite:///{workdir}/gradebook.db", course.COURSE_ID) as gb:
         for student in ("alice", "bob"):
             sub = gb.find_submission(lab, student)
-            auto = sum(g.auto_score or 0 for g in sub.grades if g.cell.cell_type == "code")
+            auto = sum(g.auto_score or 0 for nb in sub.notebooks for g in nb.grades if g.cell.cell_type == "code")
             assert auto == pytest.approx(results[student].score), student
 
 
@@ -131,6 +136,24 @@ def test_hanging_submission_times_out_and_keeps_what_it_reached(graded):
     gina = lab01(graded)["gina"]
     assert gina.status == "graded" and "stopped" in gina.message
     assert gina.score == 2
+
+
+def test_warnings_on_stderr_cost_nothing(graded):
+    hana = lab01(graded)["hana"]
+    assert hana.status == "graded" and hana.score == hana.max_score, hana.message
+
+
+def test_feedback_html_has_no_hidden_tests(graded):
+    from nbgrader.apps import NbGraderAPI
+
+    lab, results, _, workdir = graded
+    api = NbGraderAPI(config=course.nbgrader_config(workdir=str(workdir),
+                                                    release_dir=str(workdir / "release")))
+    out = api.generate_feedback(lab, "bob")
+    assert out["success"], out.get("log")
+    html = (workdir / "feedback" / "bob" / lab / f"{lab}.html").read_text()
+    assert "NotImplementedError" in html  # the check messages are there
+    assert "BEGIN HIDDEN TESTS" not in html and 'check("' not in html and "check(&quot;" not in html
 
 
 def test_labs_are_what_make_labs_builds(tmp_path):
