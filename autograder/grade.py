@@ -73,9 +73,16 @@ def course_secret(workdir: str) -> bytes:
     path = os.path.join(workdir, "secret")
     if not os.path.exists(path):
         os.makedirs(workdir, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
+        try:  # atomic: whoever links first wins, everyone reads the same secret
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
     with open(path) as f:
         return f.read().strip().encode()
 
@@ -296,6 +303,7 @@ def grade_folder(lab: str, folder: str, out_csv: str, *, jobs: int = 1,
     course.source_notebook(lab)  # fail early on an unknown lab
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
+    course_secret(workdir)  # created once, before the workers race for it
     sandbox = None
     if sandboxed:
         from .sandbox import Bubblewrap

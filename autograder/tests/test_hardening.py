@@ -259,3 +259,19 @@ def test_verification_is_deterministic_under_a_thread_pool(tmp_path, source):
         scores = list(pool.map(lambda s: grade._score(LAB, source, s, str(tmp_path / str(s)))[0],
                                seeds * 3))
     assert scores == [12.0] * len(scores)
+
+
+def test_course_secret_is_created_once_under_concurrency(tmp_path, monkeypatch):
+    """Two workers grading their first submissions at once must agree on the secret
+    (seen in CI: the second failed with FileExistsError and its student got `error`)."""
+    import concurrent.futures
+
+    from autograder.grade import course_secret
+
+    monkeypatch.delenv("AUTOGRADER_SECRET", raising=False)
+    for attempt in range(5):
+        workdir = tmp_path / f"w{attempt}"
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            secrets = list(pool.map(lambda _: course_secret(str(workdir)), range(16)))
+        assert len(set(secrets)) == 1 and len(secrets[0]) == 64
+        assert sorted(p.name for p in workdir.iterdir()) == ["secret"]
