@@ -25,6 +25,7 @@ import shutil
 import sys
 import threading
 import traceback
+import warnings
 
 from . import course
 from .notebook import NotGradable, grade_cells, read_notebook, sanitize
@@ -281,7 +282,9 @@ def write_gradebook(lab: str, results: list[SubmissionResult], workdir: str) -> 
             os.remove(ts)
         PRECOMPUTED[(r.student, lab)] = r
         try:
-            out = api.autograde(lab, r.student, force=True, create=True)
+            with warnings.catch_warnings():  # nbgrader's own SQLAlchemy session warnings
+                warnings.simplefilter("ignore", category=Warning)
+                out = api.autograde(lab, r.student, force=True, create=True)
         finally:
             PRECOMPUTED.pop((r.student, lab), None)
         if not out["success"]:
