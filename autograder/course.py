@@ -15,26 +15,81 @@ COURSE_ID = "llm-optimization-labs"
 DEFAULT_WORKDIR = os.path.join(REPO, ".grading")
 
 
-# The llmopt modules each lab asks the student to rebuild: hidden from the sandbox.
-MODULES_UNDER_STUDY = {
-    "lab01_kv_cache": ["kv_cache"],
-    "lab04_flash_attention": ["flash_attention"],
-    "lab06_zero_fsdp": ["zero"],
-    "lab07_gptq": ["gptq"],
+# What each lab's sandbox shows of llmopt: the support modules its notebook imports (the
+# module under study, and every other lab's reference, stay invisible). Declared next to the
+# lab's checks as ``LLMOPT_VISIBLE``; the import closure of what is declared comes along.
+# ``NEEDS_CORPUS = True`` there: the grader builds the course corpus once and mounts it.
+_VISIBLE_FALLBACK = {  # labs whose checks file does not declare it yet
+    "lab04_flash_attention": ["bench", "testing", "viz.tiling"],
+    "lab06_zero_fsdp": ["bench", "testing", "viz.zero", "launch"],
+    "lab07_gptq": ["gpt", "data", "bench", "testing", "viz.quant"],
 }
+_CORPUS_FALLBACK = {"lab07_gptq"}
+LLMOPT = os.path.join(REPO, "lib", "llmopt")
 
 
-# Labs whose notebooks read the course corpus (perplexity, calibration data): the grader
-# builds it once and mounts it read-only into every sandbox.
-NEEDS_CORPUS = {"lab07_gptq"}
+def lab_checks(lab: str):
+    """The lab's trusted checks module: everything the grader knows about the lab."""
+    import importlib
+    try:
+        return importlib.import_module(f"autograder.checks.{lab}")
+    except ModuleNotFoundError:
+        raise KeyError(f"no autograder/checks/{lab}.py: a lab declares its checks there") from None
 
 
-def modules_under_study(lab: str) -> list[str]:
-    """``llmopt`` modules a submission of ``lab`` must not see (its reference answers)."""
-    if lab not in MODULES_UNDER_STUDY:
-        raise KeyError(f"no entry for {lab!r} in autograder.course.MODULES_UNDER_STUDY: add the "
-                       "llmopt modules the lab asks students to rebuild")
-    return MODULES_UNDER_STUDY[lab]
+def _llmopt_imports(path: str, module: str) -> set[str]:
+    """llmopt modules that ``path`` (module ``module``, dotted under llmopt) imports, anywhere."""
+    import ast
+
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    package = module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name[len("llmopt."):] for a in node.names if a.name.startswith("llmopt.")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against the module's package
+                base = package.split(".") if package else []
+                base = base[:len(base) - (node.level - 1)] if node.level > 1 else base
+                target = ".".join(base + ([node.module] if node.module else []))
+            elif (node.module or "").startswith("llmopt"):
+                target = node.module[len("llmopt"):].lstrip(".")
+            else:
+                continue
+            found.add(target) if target else None
+            found |= {f"{target}.{a.name}".lstrip(".") for a in node.names}
+    return {m for m in found if m and _module_file(m)}
+
+
+def _module_file(module: str) -> str | None:
+    path = os.path.join(LLMOPT, *module.split("."))
+    if os.path.isfile(path + ".py"):
+        return path + ".py"
+    if os.path.isfile(os.path.join(path, "__init__.py")):
+        return os.path.join(path, "__init__.py")
+    return None
+
+
+def visible_modules(lab: str) -> list[str]:
+    """llmopt modules (dotted) the sandbox of ``lab`` shows: the declared ones and their imports."""
+    declared = getattr(lab_checks(lab), "LLMOPT_VISIBLE", None)
+    if declared is None:
+        declared = _VISIBLE_FALLBACK[lab]
+    todo, seen = list(declared), set()
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        if _module_file(m) is None:
+            raise KeyError(f"{lab} declares llmopt.{m} visible, but lib/llmopt has no such module")
+        seen.add(m)
+        todo += sorted(_llmopt_imports(_module_file(m), m) - seen)
+    return sorted(seen)
+
+
+def needs_corpus(lab: str) -> bool:
+    return bool(getattr(lab_checks(lab), "NEEDS_CORPUS", lab in _CORPUS_FALLBACK))
 
 
 def labs() -> list[str]:
@@ -42,6 +97,14 @@ def labs() -> list[str]:
     root = os.path.join(REPO, "solutions")
     return sorted(d for d in os.listdir(root)
                   if os.path.isfile(os.path.join(root, d, f"{d}.ipynb")))
+
+
+def release_notebook(lab: str) -> str:
+    """The student release of ``lab`` (``labs/``), whose answer cells are the stubs."""
+    path = os.path.join(REPO, "labs", lab, f"{lab}.ipynb")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: run `make labs`")
+    return path
 
 
 def source_notebook(lab: str) -> str:

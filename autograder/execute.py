@@ -1,9 +1,10 @@
 """Execute one sanitised notebook: the process the sandbox wraps.
 
-    python -m autograder.execute NOTEBOOK OUT_DIR --lab LAB --seed SEED [--cell-timeout S]
+    python -m autograder.execute NOTEBOOK OUT_DIR --lab LAB --seed SEED --records FIFO [--cell-timeout S]
 
 Runs every cell with nbclient in a fresh kernel (errors do not stop later cells), with
-``AUTOGRADER_RESULTS=OUT_DIR/records`` so that ``check`` calls record there, and writes
+``AUTOGRADER_RECORDS=FIFO`` so that ``check`` calls send their records down the grader's
+channel (``autograder.records``), and writes
 ``OUT_DIR/executed.ipynb`` after every cell, so whatever was reached survives a kernel
 that dies or a wall clock that runs out. Exit code 0 even when the student's code fails:
 the notebook and the records say what happened; ``OUT_DIR/status.json`` says how it ended.
@@ -95,6 +96,7 @@ def main(argv=None) -> int:
     ap.add_argument("out_dir")
     ap.add_argument("--lab", required=True)
     ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--records", required=True, help="the grader's records FIFO")
     ap.add_argument("--cell-timeout", type=int, default=300)
     args = ap.parse_args(argv)
 
@@ -105,10 +107,8 @@ def main(argv=None) -> int:
     from nbclient import NotebookClient
     from nbclient.exceptions import DeadKernelError
 
-    records = os.path.join(args.out_dir, "records")
-    os.makedirs(records, exist_ok=True)
     os.environ.update({
-        "AUTOGRADER_RESULTS": records,
+        "AUTOGRADER_RECORDS": args.records,
         "AUTOGRADER_LAB": args.lab,
         "AUTOGRADER_SEED": str(args.seed),
         "NBGRADER_EXECUTION": "autograde",

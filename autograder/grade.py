@@ -28,9 +28,10 @@ import traceback
 import warnings
 
 from . import course
-from .notebook import NotGradable, grade_cells, read_notebook, sanitize
+from .notebook import NotGradable, SolutionLeak, grade_cells, read_notebook, sanitize
 from .runner import execute_notebook, read_untrusted
-from .verify import verify_check
+from .sandbox import NoSandbox
+from .verify import verify_in_subprocess
 
 CSV_COLUMNS = ["student", "lab", "score", "max_score", "status", "message"]
 # Results handed to nbgrader's autograde step in this process: (student, lab) -> result.
@@ -50,6 +51,7 @@ class SubmissionResult:
     timestamp: str = ""  # the submission's timestamp.txt, when it is plausible (see read_timestamp)
     seconds: float = 0.0  # wall-clock seconds of the sandboxed run
     peak_bytes: int = 0  # the sandbox cgroup's peak memory use
+    verify_peak_bytes: int = 0  # the verifying process's peak memory use
 
     def row(self) -> dict:
         return {"student": self.student, "lab": self.lab, "score": round(self.score, 2),
@@ -59,8 +61,7 @@ class SubmissionResult:
     def executed_cells(self) -> list[dict]:
         """The executed notebook's cells, read as untrusted data (empty if unreadable)."""
         try:
-            nb = json.loads(read_untrusted(os.path.join(self.out_dir, "run"), "executed.ipynb",
-                                           cap=64 * 2**20))
+            nb = json.loads(read_untrusted(self.out_dir, "executed.ipynb", cap=64 * 2**20))
             cells = nb["cells"]
             return [c if isinstance(c, dict) else {} for c in cells]
         except (OSError, ValueError, KeyError, TypeError):
@@ -140,23 +141,19 @@ def read_timestamp(nb_path: str, now=None) -> tuple[str, str]:
     return text, ""
 
 
-# Verifiers draw inputs and build reference models with torch's global RNG
-# (``torch.manual_seed``): two pool threads verifying at once would interleave it and judge
-# against a wrong reference. Verification is cheap next to running a notebook: one at a time.
-_VERIFY_LOCK = threading.Lock()
+def _score(lab: str, source_nb: dict, seed: int, records: str, notebook: str,
+           threads: int = 1) -> tuple[float, float, dict, list, dict]:
+    """Per grade cell: points × mean fraction of the cases of its checks that passed.
 
-
-def _score(lab: str, source_nb: dict, seed: int, records: str) -> tuple[float, float, dict, list]:
-    """Per grade cell: points × mean fraction of the cases of its checks that passed."""
-    with _VERIFY_LOCK:
-        return _score_unlocked(lab, source_nb, seed, records)
-
-
-def _score_unlocked(lab, source_nb, seed, records):
+    Every check is judged in one verifying process of its own (memory and time limits).
+    """
+    cells_meta = grade_cells(source_nb)
+    names = list(dict.fromkeys(n for gc in cells_meta for n in gc.checks))
+    verdicts, usage = verify_in_subprocess(lab, names, seed, records, notebook, threads=threads)
     cells, failing = {}, []
     total = maximum = 0.0
-    for gc in grade_cells(source_nb):
-        results = [verify_check(lab, name, seed, records) for name in gc.checks]
+    for gc in cells_meta:
+        results = [verdicts[name] for name in gc.checks]
         fraction = sum(r.fraction for r in results) / len(results) if results else 0.0
         score = round(gc.points * fraction, 3)
         lines = [f"{gc.grade_id}: {score:g} / {gc.points:g} points"]
@@ -167,7 +164,15 @@ def _score_unlocked(lab, source_nb, seed, records):
         failing += [r.name for r in results if not r.ok]
         total += score
         maximum += gc.points
-    return total, maximum, cells, failing
+    return total, maximum, cells, failing, usage
+
+
+# What the notes say when a run ended early, by its typed cause (``runner.Execution.cause``).
+_ENDINGS = {
+    "oom": "the kernel ran out of memory (over the sandbox's limit)",
+    "pids": "the notebook hit the sandbox's process limit (a fork bomb?)",
+    "crash": "the kernel died (os._exit, a crash or out of memory?)",
+}
 
 
 def grade_submission(lab: str, student: str, nb_path: str, *, workdir: str = course.DEFAULT_WORKDIR,
@@ -175,8 +180,9 @@ def grade_submission(lab: str, student: str, nb_path: str, *, workdir: str = cou
                      sandbox=None) -> SubmissionResult:
     """Grade one notebook; never raises for anything the submission does.
 
-    Trusted files (``result.json``, ``sanitized.ipynb``, ``executor.log``) stay in the
-    result folder; the submission can only write under ``run/``.
+    The result folder (``results/<student>/<lab>/``) is the grader's: the sanitised notebook
+    (``<lab>.ipynb``), the stored records, what was copied out of the run, ``result.json``.
+    The submission writes only into ``run/`` (a tmpfs gone after the run) and the channel.
     """
     out_dir = _result_dir(workdir, student, lab)
     try:
@@ -187,40 +193,33 @@ def grade_submission(lab: str, student: str, nb_path: str, *, workdir: str = cou
         timestamp, ts_note = read_timestamp(nb_path)
         with open(course.source_notebook(lab)) as f:
             source_nb = json.load(f)
+        with open(course.release_notebook(lab)) as f:
+            release_nb = json.load(f)
         if os.path.isdir(out_dir):
             shutil.rmtree(out_dir)
-        run_dir = os.path.join(out_dir, "run")
-        work = os.path.join(run_dir, "work")
-        os.makedirs(work)
-        src_dir = os.path.dirname(course.source_notebook(lab))
-        for name in os.listdir(src_dir):  # the lab's small assets, never its notebook
-            if not name.endswith(".ipynb") and os.path.isfile(os.path.join(src_dir, name)):
-                shutil.copy(os.path.join(src_dir, name), work)
-        sanitized = os.path.join(out_dir, "sanitized.ipynb")
+        os.makedirs(out_dir)
+        sanitized = os.path.join(out_dir, f"{lab}.ipynb")
         with open(sanitized, "w") as f:
-            json.dump(sanitize(student_nb, source_nb), f)
-        nb_run = os.path.join(work, f"{lab}.ipynb")
-        shutil.copy(sanitized, nb_run)
+            json.dump(sanitize(student_nb, source_nb, release_nb), f)
         seed = submission_seed(course_secret(workdir), student, lab)
-        run = execute_notebook(nb_run, run_dir, os.path.join(out_dir, "executor.log"), lab, seed,
-                               timeout=timeout, cell_timeout=cell_timeout, threads=threads,
-                               sandbox=sandbox)
+        run = execute_notebook(sanitized, out_dir, lab, seed, sandbox or NoSandbox(),
+                               timeout=timeout, cell_timeout=cell_timeout, threads=threads)
         if run.ended == "executor_error":  # the grader could not run it: retry, never a zero
             raise RuntimeError(f"the notebook could not be executed: {run.detail}")
-        score, maximum, cells, failing = _score(lab, source_nb, seed, os.path.join(run_dir, "records"))
-        died = ("the kernel ran out of memory (over the sandbox's limit)"
-                if "out of memory" in run.detail else
-                "the notebook hit the sandbox's process limit (a fork bomb?)"
-                if "process limit" in run.detail else
-                "the kernel died (os._exit, a crash or out of memory?)")
-        notes = {"completed": "", "kernel_died": f"{died}; checks after that point were not run",
+        score, maximum, cells, failing, vusage = _score(lab, source_nb, seed,
+                                                        os.path.join(out_dir, "records"), sanitized, threads)
+        notes = {"completed": "",
+                 "kernel_died": f"{_ENDINGS.get(run.cause, _ENDINGS['crash'])}; checks after that point were not run",
                  "timeout": f"stopped: {run.detail}; checks after that point were not run"}
         parts = [notes.get(run.ended, run.ended)]
         parts.append("all checks passed" if not failing else "failed: " + ", ".join(failing))
         parts.append(ts_note)
         result = SubmissionResult(student, lab, "graded", score, maximum,
                                   "; ".join(p for p in parts if p), cells, out_dir, timestamp,
-                                  round(run.seconds, 2), int(run.usage.get("peak_bytes", 0)))
+                                  round(run.seconds, 2), int(run.usage.get("peak_bytes", 0)),
+                                  int(vusage.get("peak_bytes", 0)))
+    except SolutionLeak as exc:  # never run or grade a notebook that holds the solutions
+        result = SubmissionResult(student, lab, "error", message=f"grader error: {exc}", out_dir=out_dir)
     except Exception as exc:  # our fault, not the student's: retryable
         result = SubmissionResult(student, lab, "error",
                                   message=f"grader error (retry): {type(exc).__name__}: {exc}",
@@ -273,7 +272,7 @@ def write_gradebook(lab: str, results: list[SubmissionResult], workdir: str) -> 
             continue
         dest = os.path.join(workdir, "submitted", r.student, lab)
         os.makedirs(dest, exist_ok=True)
-        shutil.copy(os.path.join(r.out_dir, "sanitized.ipynb"), os.path.join(dest, f"{lab}.ipynb"))
+        shutil.copy(os.path.join(r.out_dir, f"{lab}.ipynb"), os.path.join(dest, f"{lab}.ipynb"))
         ts = os.path.join(dest, "timestamp.txt")
         if r.timestamp:  # checked by read_timestamp; nbgrader's late penalty uses it
             with open(ts, "w") as f:
@@ -307,15 +306,15 @@ def grade_folder(lab: str, folder: str, out_csv: str, *, jobs: int = 1,
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     course_secret(workdir)  # created once, before the workers race for it
-    sandbox = None
     if sandboxed:
         from .sandbox import Bubblewrap
         sandbox = Bubblewrap(lab, workdir, slots=max(1, jobs))
+    else:
+        sandbox = NoSandbox()
     try:
         return _grade_folder(lab, folder, out_csv, jobs, workdir, timeout, gradebook, sandbox, progress)
     finally:
-        if sandbox is not None:
-            sandbox.close()
+        sandbox.close()
 
 
 def _grade_folder(lab, folder, out_csv, jobs, workdir, timeout, gradebook, sandbox, progress):

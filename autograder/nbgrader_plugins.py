@@ -74,13 +74,12 @@ class ApplyVerdicts(NbGraderPreprocessor):
         result = PRECOMPUTED.get((student, lab))
         if result is None:  # `nbgrader autograde` run directly: grade it now
             path = os.path.join(resources["metadata"]["path"], f"{resources['nbgrader']['notebook']}.ipynb")
-            from .sandbox import Bubblewrap
-            sandbox = Bubblewrap(lab, self.workdir) if self.sandboxed else None
+            from .sandbox import Bubblewrap, NoSandbox
+            sandbox = Bubblewrap(lab, self.workdir) if self.sandboxed else NoSandbox()
             try:
                 result = grade_submission(lab, student, path, workdir=self.workdir, sandbox=sandbox)
             finally:
-                if sandbox is not None:
-                    sandbox.close()
+                sandbox.close()
         if result.status != "graded":
             raise RuntimeError(f"{student}/{lab} could not be graded: {result.message}")
         executed = result.executed_cells()

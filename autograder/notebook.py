@@ -5,8 +5,10 @@ student's notebook must not crash the grader) and raises ``NotGradable`` with a 
 student can act on. ``sanitize`` rebuilds the notebook the kernel will run: the student's
 own cells and answers in their order, every graded and locked cell restored from the
 instructor's source (so hidden tests are present and edited tests are undone), cells that
-were deleted put back. ``grade_cells`` lists the source's autograded cells with their
-points and the checks their hidden tests call.
+were deleted put back — an answer cell as the RELEASE's stub, never the source's solution
+(and a restored cell that would still hold solution code raises ``SolutionLeak``: a grader
+error, never graded). ``grade_cells`` lists the
+source's autograded cells with their points and the checks their hidden tests call.
 """
 from __future__ import annotations
 
@@ -24,6 +26,10 @@ _CHECK_CALL = re.compile(r"""\bcheck\(\s*["']([A-Za-z_][A-Za-z0-9_]*)["']""")
 
 class NotGradable(Exception):
     """The submission cannot be read as the lab's notebook; the message says why."""
+
+
+class SolutionLeak(RuntimeError):
+    """Sanitising would put the instructor's solution into a submission (a grader fault)."""
 
 
 def read_notebook(path: str) -> dict:
@@ -101,16 +107,19 @@ def safe_markdown(text: str) -> str:
     return _BAD_SCHEME.sub(lambda m: f"{m.group(1)}-blocked{m.group(2)}:", _TAG_START.sub("&lt;", text))
 
 
-def sanitize(student_nb: dict, source_nb: dict) -> dict:
+def sanitize(student_nb: dict, source_nb: dict, release_nb: dict) -> dict:
     """The notebook to execute: the student's answers inside the instructor's frame.
 
     - a cell whose grade_id names a locked or autograded source cell is replaced by that
       source cell (edited tests are undone, hidden tests come back);
     - a cell whose grade_id names a source solution cell keeps the student's code with the
-      source's metadata;
+      source's metadata (a cell retyped to another cell type does not: it becomes an
+      ordinary student cell and the answer counts as missing);
     - a duplicate or unknown grade_id makes the cell an ordinary student cell;
     - source cells missing from the submission are inserted after the nearest earlier
-      source cell that is present (or at the end).
+      source cell that is present (or at the end); a missing ANSWER cell comes back as the
+      release's stub (``raise NotImplementedError()`` / "YOUR ANSWER HERE"), never as the
+      source's solution, which would hand the student the answer and full marks.
     Outputs are cleared; the student's metadata and attachments are dropped; the student's
     markdown (answers and extra cells) goes through ``safe_markdown`` and raw cells are
     HTML-escaped (nbconvert renders raw cells without a MIME type as HTML).
@@ -143,15 +152,30 @@ def sanitize(student_nb: dict, source_nb: dict) -> dict:
             new = {"cell_type": ctype if ctype in ("code", "markdown") else "raw",
                    "metadata": {}, "source": text}
             out.append((None, new))
+    restored = []  # cells that come from the instructor's notebooks, not from the student
+    release_by_id = {nbgrader_meta(c).get("grade_id"): c for c in release_nb["cells"]
+                     if nbgrader_meta(c).get("grade_id")}
     for gid, (i, src) in sorted(src_by_id.items(), key=lambda kv: kv[1][0]):
         if gid in seen:
             continue
+        if nbgrader_meta(src).get("solution"):
+            if gid not in release_by_id:
+                raise ValueError(f"the release has no cell {gid!r}: run `make labs`")
+            stub = copy.deepcopy(release_by_id[gid])
+            src = copy.deepcopy(src)
+            src["source"] = cell_source(stub)
         # after the last present cell whose source index is below i
         pos = 0
         for j, (si, _) in enumerate(out):
             if si is not None and si < i:
                 pos = j + 1
         out.insert(pos, (i, copy.deepcopy(src)))
+        restored.append(src)
+    leaks = [nbgrader_meta(c).get("grade_id") for c in restored if _holds_solution(c, source_nb)]
+    if leaks:  # the safety net: never run or show the instructor's answer as the student's
+        raise SolutionLeak(f"restoring {', '.join(map(str, leaks))} would put solution code into "
+                           "the submission: the release (labs/) is stale or the source lacks "
+                           "solution markers; run `make labs`")
     cells = []
     for n, (_, cell) in enumerate(out):
         cell = dict(cell)
@@ -165,3 +189,30 @@ def sanitize(student_nb: dict, source_nb: dict) -> dict:
         cells.append(cell)
     return {"cells": cells, "metadata": copy.deepcopy(source_nb.get("metadata", {})),
             "nbformat": 4, "nbformat_minor": 5}
+
+
+_SOLUTION = re.compile(r"^[ \t]*### BEGIN SOLUTION[ \t]*$(.*?)^[ \t]*### END SOLUTION[ \t]*$", re.M | re.S)
+MIN_LEAK_CHARS = 40  # shorter solution fragments are too generic to call a leak
+
+
+def _normal(text: str) -> str:
+    return "\n".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def solution_regions(source_nb: dict) -> list[str]:
+    """The instructor's answers: code between the solution markers, written answers whole."""
+    regions = []
+    for cell in source_nb["cells"]:
+        meta = nbgrader_meta(cell)
+        if not meta.get("solution"):
+            continue
+        text = cell_source(cell)
+        parts = _SOLUTION.findall(text) if cell.get("cell_type") == "code" else [text]
+        regions += [_normal(p) for p in parts if len(_normal(p)) >= MIN_LEAK_CHARS]
+    return regions
+
+
+def _holds_solution(cell: dict, source_nb: dict) -> bool:
+    """Whether ``cell`` contains one of the source's answers verbatim."""
+    text = _normal(cell_source(cell))
+    return any(r in text for r in solution_regions(source_nb))

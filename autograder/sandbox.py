@@ -7,11 +7,15 @@ prefers containers can run the whole grader inside one; the per-submission sandb
 
 What a submission sees (a whitelist, not a mask):
 - read-only: ``/usr`` (with the ``/bin``, ``/lib`` links), the course's virtual environment
-  and the interpreter it links to at their original paths, a copy of ``llmopt`` WITHOUT the
-  module the lab asks the student to rebuild, the in-kernel half of ``autograder`` (recorder,
-  executor, public cases — no checks, no grader), the course model and the corpus cache;
-- read-write: its own run folder (the sanitised notebook, the records it writes, its home
-  with the Triton/torch caches) and a private ``/tmp``;
+  and the interpreter it links to at their original paths, a copy of ``llmopt`` with ONLY the
+  support modules the lab declares (``LLMOPT_VISIBLE`` beside its checks, plus their imports:
+  never the module under study, never another lab's reference, wherever it lives; any copy
+  of the course installed in the environment is covered by the same filtered copy), the
+  in-kernel half of ``autograder`` (recorder, executor, public cases — no checks, no
+  grader), the course model, the corpus cache, and the records channel (a FIFO);
+- read-write: its own run folder — a tmpfs of ``disk_bytes`` (the sanitised notebook, the
+  executed copy, its home with the Triton/torch caches), removed after the run — and a
+  private ``/tmp`` of ``tmp_bytes``;
 - not: ``solutions/``, the hidden checks, the gradebook, the course secret, other students'
   files, the network (an empty network namespace with only ``lo``), host processes.
 
@@ -22,6 +26,7 @@ time, file size and open files; the grader's wall clock kills the whole session,
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import glob
 import os
@@ -69,22 +74,30 @@ def _copy_filtered(src: str, dst: str, skip: set[str], skip_dirs: set[str]) -> N
 
 
 class Bubblewrap:
-    """Runs the executor in a bubblewrap sandbox; one instance serves a whole grading run."""
+    """Runs the executor in a bubblewrap sandbox; one instance serves a whole grading run.
+
+    ``with sandbox.slot(run_dir) as slot: slot.popen(argv, ...)`` is one run: the slot takes
+    a free uid, mounts a size-limited tmpfs on ``run_dir`` (the only writable place besides a
+    size-limited ``/tmp``), creates the cgroups, and on the way out kills whatever the run
+    left, removes the cgroups and unmounts the tmpfs (so nothing the submission wrote stays
+    on the disk). ``channel`` (a folder holding the records FIFO) is mounted read-only.
+    """
     name = "bubblewrap"
 
     def __init__(self, lab: str, workdir: str = course.DEFAULT_WORKDIR, *, slots: int = 1,
                  memory_bytes: int = 6 * 2**30, max_pids: int = 256, cpu_seconds: int = 1800,
-                 file_bytes: int = 256 * 2**20):
+                 file_bytes: int = 256 * 2**20, disk_bytes: int = 512 * 2**20,
+                 tmp_bytes: int = 256 * 2**20):
         self.lab = lab
         self.memory_bytes, self.max_pids = memory_bytes, max_pids
         self.cpu_seconds, self.file_bytes = cpu_seconds, file_bytes
+        self.disk_bytes, self.tmp_bytes = disk_bytes, tmp_bytes
         check_available()
         self._root = tempfile.mkdtemp(prefix=f"sandbox-{lab}-", dir=os.path.abspath(workdir))
         os.chmod(self._root, 0o755)
         self._lib = os.path.join(self._root, "lib", "llmopt")
         self._grader = os.path.join(self._root, "autograder")
-        hidden = {f"{m}.py" for m in course.modules_under_study(lab)}
-        _copy_filtered(os.path.join(course.REPO, "lib", "llmopt"), self._lib, hidden, {"assets"})
+        _copy_visible(course.visible_modules(lab), self._lib)
         os.makedirs(os.path.join(self._lib, "assets"), exist_ok=True)
         grader_src = os.path.join(course.REPO, "autograder")
         os.makedirs(os.path.join(self._grader, "cases"))
@@ -98,7 +111,7 @@ class Bubblewrap:
                 os.chmod(os.path.join(d, f), 0o644)
         self.peak_bytes = 0  # the largest memory.max_usage_in_bytes of any run so far
         self._corpus = None
-        if lab in course.NEEDS_CORPUS:  # build the corpus and tokens once, trusted, then share them read-only
+        if course.needs_corpus(lab):  # build the corpus and tokens once, trusted, then share them read-only
             from llmopt import data
             for split in ("train", "val", "test"):
                 data.load_tokens(split)
@@ -118,13 +131,96 @@ class Bubblewrap:
             os.close(fd)  # releases the flock: another grader may take the uid
         self._locks = []
 
-    # --- one run ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def slot(self, run_dir: str, channel: str | None = None):
+        """One sandboxed run in ``run_dir`` (created here, removed on exit)."""
+        uid = self._slots.get()
+        os.makedirs(run_dir, exist_ok=True)
+        mounted = False
+        try:
+            subprocess.run(["mount", "-t", "tmpfs", "-o",
+                            f"size={self.disk_bytes},mode=0700,uid={uid},gid={uid},nosuid,nodev",
+                            "llmopt-run", run_dir], check=True, capture_output=True)
+            mounted = True
+            yield _Slot(self, uid, run_dir, channel)
+        finally:
+            _kill_uid(uid)  # a process that escaped the session (it cannot: belt and braces)
+            _cgroup_remove(uid)
+            if mounted:
+                if subprocess.run(["umount", run_dir], capture_output=True).returncode != 0:
+                    subprocess.run(["umount", "-l", run_dir], capture_output=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            self._slots.put(uid)
 
-    def acquire(self) -> int:
-        return self._slots.get()
+    def _bwrap(self, run_dir: str, uid: int, channel: str | None, env: dict) -> list[str]:
+        """bwrap's arguments: what the run sees, and its environment (set here, once)."""
+        home = os.path.join(run_dir, "home")
+        passwd = os.path.join(self._root, f"passwd-{uid}")
+        group = os.path.join(self._root, f"group-{uid}")
+        with open(passwd, "w") as f:
+            f.write(f"root:x:0:0::/root:/bin/sh\nstudent:x:{uid}:{uid}::{home}:/bin/sh\n")
+        with open(group, "w") as f:
+            f.write(f"root:x:0:\nstudent:x:{uid}:\n")
+        os.chmod(passwd, 0o644)
+        os.chmod(group, 0o644)
+        venv = os.path.dirname(os.path.dirname(os.path.abspath(sys.executable)))
+        lib = os.path.join(course.REPO, "lib", "llmopt")
+        binds = [(_interpreter_root(), _interpreter_root()), (venv, venv), (self._lib, lib),
+                 (os.path.join(lib, "assets"), os.path.join(lib, "assets")),
+                 (self._grader, os.path.join(course.REPO, "autograder"))]
+        # an installed copy of the course in the environment (a hub's venv) holds every
+        # reference: cover it with the filtered copies
+        for installed in _installed_packages(venv):
+            src = self._lib if os.path.basename(installed) == "llmopt" else self._grader
+            binds.append((src, installed))
+        if self._corpus:
+            binds.append((self._corpus, self._corpus))
+        if channel:
+            binds.append((channel, channel))
+        b = ["bwrap", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
+             "--unshare-cgroup-try", "--die-with-parent", "--new-session",
+             "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
+             "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/sbin", "/sbin",
+             "--perms", "0755", "--dir", "/etc", "--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache",
+             "--ro-bind", passwd, "/etc/passwd", "--ro-bind", group, "/etc/group",
+             "--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(self.tmp_bytes),
+             "--tmpfs", "/tmp"]
+        for extra in ("/etc/ssl", "/etc/localtime", "/etc/fonts"):
+            if os.path.exists(extra):
+                b += ["--ro-bind", extra, extra]
+        # bwrap gives a bind target's new parents the modes of the source's (/root is 0700):
+        # create them first, world-traversable
+        dests = [dest for _, dest in binds] + [run_dir]
+        for path in sorted({p for d in dests for p in _ancestors(d)} - {"/tmp", "/usr", "/etc"}, key=len):
+            b += ["--perms", "0755", "--dir", path]
+        for src, dest in binds:
+            b += ["--ro-bind", src, dest]
+        for dev in sorted(glob.glob("/dev/nvidia*")):  # GPU hubs: the devices, nothing else
+            b += ["--dev-bind", dev, dev]
+        b += ["--bind", run_dir, run_dir, "--chdir", os.path.join(run_dir, "work"), "--clearenv"]
+        kernel_env = dict(env, HOME=home, USER="student", PATH=f"{venv}/bin:/usr/bin:/bin",
+                          LANG="C.UTF-8", TMPDIR="/tmp",
+                          LLMOPT_CACHE=self._corpus or os.path.join(home, ".cache", "llmopt"))
+        for key, value in sorted(kernel_env.items()):
+            b += ["--setenv", key, value]
+        return b
+
+    def _wrap(self, argv: list[str], run_dir: str, uid: int, channel: str | None, env: dict) -> list[str]:
+        """The full command line: cgroup entry, bwrap, privilege drop, rlimits, ``argv``."""
+        for d, dirs, files in os.walk(run_dir):
+            for name in [d] + [os.path.join(d, f) for f in files]:
+                os.lchown(name, uid, uid)
+        b = self._bwrap(run_dir, uid, channel, env)
+        b += ["--", "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+              "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
+              "prlimit", f"--cpu={self.cpu_seconds}", f"--fsize={self.file_bytes}", "--nofile=1024",
+              f"--nproc={self.max_pids}", "--core=0", "--"] + argv
+        cg = _cgroup_create(uid, self.memory_bytes, self.max_pids)
+        enter = " && ".join(f"echo $$ > {p}/cgroup.procs" for p in cg)
+        return ["sh", "-c", f'{enter} && exec "$@"', "sandbox"] + b
 
     def usage(self, uid: int) -> dict:
-        """The run's cgroup accounting (call before ``release``): peak bytes, OOM kills, pids."""
+        """The run's cgroup accounting: peak bytes, OOM kills, refused tasks."""
         mem, pids = _cgroup_paths(uid)
         info = {"peak_bytes": 0, "oom_kills": 0, "pids_refused": 0}
         try:
@@ -142,74 +238,67 @@ class Bubblewrap:
         self.peak_bytes = max(self.peak_bytes, info["peak_bytes"])
         return info
 
-    def release(self, uid: int) -> None:
-        _kill_uid(uid)  # a process that escaped the session (it cannot: belt and braces)
-        _cgroup_remove(uid)
-        self._slots.put(uid)
 
-    def command(self, argv: list[str], run_dir: str, uid: int, env: dict) -> list[str]:
-        """The full command line: cgroup entry, bwrap, privilege drop, rlimits, ``argv``."""
-        home = os.path.join(run_dir, "home")
-        os.makedirs(home, exist_ok=True)
-        passwd = os.path.join(self._root, f"passwd-{uid}")
-        group = os.path.join(self._root, f"group-{uid}")
-        with open(passwd, "w") as f:
-            f.write(f"root:x:0:0::/root:/bin/sh\nstudent:x:{uid}:{uid}::{home}:/bin/sh\n")
-        with open(group, "w") as f:
-            f.write(f"root:x:0:\nstudent:x:{uid}:\n")
-        for d, dirs, files in os.walk(run_dir):
-            os.chown(d, uid, uid)
-            for f in files:
-                os.chown(os.path.join(d, f), uid, uid)
-        os.chmod(passwd, 0o644)
-        os.chmod(group, 0o644)
-        venv = os.path.dirname(os.path.dirname(os.path.abspath(sys.executable)))
-        lib = os.path.join(course.REPO, "lib", "llmopt")
-        binds = [(_interpreter_root(), _interpreter_root()), (venv, venv), (self._lib, lib),
-                 (os.path.join(lib, "assets"), os.path.join(lib, "assets")),
-                 (self._grader, os.path.join(course.REPO, "autograder"))]
-        if self._corpus:
-            binds.append((self._corpus, self._corpus))
-        b = ["bwrap", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
-             "--unshare-cgroup-try", "--die-with-parent", "--new-session",
-             "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
-             "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/sbin", "/sbin",
-             "--perms", "0755", "--dir", "/etc", "--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache",
-             "--ro-bind", passwd, "/etc/passwd", "--ro-bind", group, "/etc/group",
-             "--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
-        for extra in ("/etc/ssl", "/etc/localtime", "/etc/fonts"):
-            if os.path.exists(extra):
-                b += ["--ro-bind", extra, extra]
-        # bwrap gives a bind target's new parents the modes of the source's (/root is 0700):
-        # create them first, world-traversable
-        dests = [dest for _, dest in binds] + [run_dir]
-        for path in sorted({p for d in dests for p in _ancestors(d)} - {"/tmp", "/usr", "/etc"}, key=len):
-            b += ["--perms", "0755", "--dir", path]
-        for src, dest in binds:
-            b += ["--ro-bind", src, dest]
-        for dev in sorted(glob.glob("/dev/nvidia*")):  # GPU hubs: the devices, nothing else
-            b += ["--dev-bind", dev, dev]
-        b += ["--bind", run_dir, run_dir, "--chdir", os.path.join(run_dir, "work"),
-              "--clearenv", "--setenv", "HOME", home, "--setenv", "USER", "student",
-              "--setenv", "PATH", f"{venv}/bin:/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
-              "--setenv", "TMPDIR", "/tmp"]
-        for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED",
-                    "TQDM_DISABLE", "IPYTHONDIR", "MPLBACKEND", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES"):
-            if key in env:
-                b += ["--setenv", key, env[key]]
-        b += ["--setenv", "IPYTHONDIR", os.path.join(home, ".ipython"),
-              "--setenv", "MPLCONFIGDIR", os.path.join(home, ".matplotlib"),
-              "--setenv", "TRITON_CACHE_DIR", os.path.join(home, ".triton"),
-              "--setenv", "HF_HUB_OFFLINE", "1", "--setenv", "TRANSFORMERS_OFFLINE", "1",
-              "--setenv", "LLMOPT_CACHE", self._corpus or os.path.join(home, ".cache", "llmopt"),
-              "--setenv", "PYTHONPATH", os.pathsep.join([os.path.join(course.REPO, "lib"), course.REPO])]
-        b += ["--", "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-              "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
-              "prlimit", f"--cpu={self.cpu_seconds}", f"--fsize={self.file_bytes}", "--nofile=1024",
-              f"--nproc={self.max_pids}", "--core=0", "--"] + argv
-        cg = _cgroup_create(uid, self.memory_bytes, self.max_pids)
-        enter = " && ".join(f"echo $$ > {p}/cgroup.procs" for p in cg)
-        return ["sh", "-c", f'{enter} && exec "$@"', "sandbox"] + b
+class _Slot:
+    """One run's sandbox: ``popen`` starts the command inside, ``usage`` reads its cgroups."""
+
+    def __init__(self, box: Bubblewrap, uid: int, run_dir: str, channel: str | None):
+        self.box, self.uid, self.run_dir, self.channel = box, uid, run_dir, channel
+
+    def popen(self, argv: list[str], env: dict, **kw) -> subprocess.Popen:
+        cmd = self.box._wrap(argv, self.run_dir, self.uid, self.channel, env)
+        return subprocess.Popen(cmd, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, **kw)
+
+    def usage(self) -> dict:
+        return self.box.usage(self.uid)
+
+
+class NoSandbox:
+    """The same interface with no isolation: trusted notebooks only (``--unsafe-no-sandbox``)."""
+    name = "none"
+    peak_bytes = 0
+
+    def close(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def slot(self, run_dir: str, channel: str | None = None):
+        os.makedirs(run_dir, exist_ok=True)
+        try:
+            yield self
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+    def popen(self, argv: list[str], env: dict, **kw) -> subprocess.Popen:
+        return subprocess.Popen(argv, env=dict(os.environ, **env), **kw)
+
+    def usage(self) -> dict:
+        return {}
+
+
+def _copy_visible(modules: list[str], dst: str) -> None:
+    """Copy llmopt's ``__init__`` and the ``modules`` (dotted), with their packages' ``__init__``."""
+    src = course.LLMOPT
+    files = {"__init__.py"}
+    for m in modules:
+        parts = m.split(".")
+        for i in range(1, len(parts)):
+            files.add(os.path.join(*parts[:i], "__init__.py"))
+        files.add(os.path.relpath(course._module_file(m), src))
+    for rel in sorted(files):
+        os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
+        shutil.copy2(os.path.join(src, rel), os.path.join(dst, rel))
+
+
+def _installed_packages(venv: str) -> list[str]:
+    """``llmopt``/``autograder`` folders installed (not linked) in the environment's site-packages."""
+    found = []
+    for sp in glob.glob(os.path.join(venv, "lib", "python3*", "site-packages")):
+        for name in ("llmopt", "autograder"):
+            path = os.path.join(sp, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                found.append(path)
+    return found
 
 
 def _lock_uids(n: int, fds: list[int]) -> list[int]:

@@ -9,6 +9,30 @@ from llmopt.testing import compare
 
 from ..cases.lab01_kv_cache import _DTYPES, tiny_model
 
+# The sandbox shows these llmopt modules (and what they import); kv_cache stays hidden.
+LLMOPT_VISIBLE = ["gpt", "data", "bench", "testing", "viz.kv_cache"]
+
+
+def _kv_cache_outputs(case: dict) -> dict:
+    B, H, d = case["batch"], case["n_head"], case["head_dim"]
+    spec = {}
+    for s in range(len(case["steps"])):
+        for layer in range(case["n_layer"]):  # the length is free: verify_KVCache names the mistake
+            spec[f"k_{s}_{layer}"] = spec[f"v_{s}_{layer}"] = ("float", (B, H, None, d))
+    n = len(case["steps"])
+    spec["seq_len_after_step"] = spec["seq_len_after_first_layer"] = ("int", (n,))
+    return spec
+
+
+# What each check's record must hold (keys, dtype kind, shape) before anything is computed.
+OUTPUTS = {
+    "kv_cache_bytes": lambda case: {"bytes": ("int", ())},
+    "cached_attention": lambda case: {"o": ("float", tuple(case["q"].shape))},
+    "KVCache": _kv_cache_outputs,
+    "generate": lambda case: {"ids": ("int", (case["input_ids"].shape[0], None)),
+                              "call_lens": ("int", (None,)), "call_cached": ("int", (None,))},
+}
+
 
 def verify_kv_cache_bytes(case: dict, out: dict) -> str | None:
     config = GPTConfig(vocab_size=128, max_position_embeddings=4096, n_layer=case["n_layer"],

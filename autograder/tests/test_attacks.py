@@ -209,6 +209,71 @@ time.sleep(1)
 print("daemon started:", os.path.exists(beat))
 '''
 
+# A later cell tries to change what a hidden check recorded: files anywhere it can reach,
+# the channel itself (a second record of the same case, a corrupt frame), and the recorder.
+REWRITE = r'''
+import os, json, glob
+from autograder.record import check, frame
+channel = os.environ.get("AUTOGRADER_RECORDS", "")
+hits = [p for base in (os.path.expanduser("~/.."), "/tmp", os.path.dirname(os.path.dirname(channel)))
+        for p in glob.glob(os.path.join(base, "**", "*.safetensors"), recursive=True)][:5]
+print("record files seen:", hits)
+for p in hits:
+    try:
+        open(p, "wb").write(b"forged"); print("REWROTE", p)
+    except OSError as exc:
+        print("DENIED", p, type(exc).__name__)
+print("channel:", bool(channel))
+GOOD = {GOOD!r}
+exec(GOOD)  # a correct KVCache, defined only now
+check("KVCache", KVCache)  # the same check again: the first record must stand
+with open(channel, "wb", buffering=0) as f:
+    f.write(frame("KVCache", 0, b"", None, 0.0))  # an empty 'pass' for case 0
+    f.write(b"garbage that is no frame header\n" * 3)
+try:
+    os.unlink(channel); print("UNLINKED channel")
+except OSError as exc:
+    print("DENIED unlink channel", type(exc).__name__)
+'''
+
+# Outputs far bigger than the check returns: 4M elements where one number / a few tokens are
+# due — from the function itself (generate) and as forged frames sent before the hidden check
+# (kv_cache_bytes: the first record of a case wins), one with a header that lies about sizes.
+HUGE = {"generate_impl": ("def generate(", "def _generate_real(")}
+HUGE_FNS = r'''
+import os, json, struct, torch
+from safetensors.torch import save
+from autograder.record import frame
+def generate(model, input_ids, max_new_tokens, use_cache=True, eos_id=None):
+    return torch.zeros(4_000_000, dtype=torch.int64)
+big = save({"bytes": torch.arange(4_000_000, dtype=torch.float64)})
+head = json.dumps({"bytes": {"dtype": "F64", "shape": [10**12], "data_offsets": [0, 8]}}).encode()
+liar = struct.pack("<Q", len(head)) + head + b"\0" * 8
+with open(os.environ["AUTOGRADER_RECORDS"], "wb", buffering=0) as f:
+    for case in range(3):
+        f.write(frame("kv_cache_bytes", case, big))
+    f.write(frame("kv_cache_bytes", 3, liar))
+'''
+
+# Filling the disk: 1.5 GB into its home and /tmp, and 50 MB straight onto the kernel's stderr.
+DISK = r'''
+import os
+written = 0
+for folder in (os.path.expanduser("~"), "/tmp"):
+    for i in range(12):
+        try:
+            with open(os.path.join(folder, f"fill{i}.bin"), "wb") as f:
+                for _ in range(128):
+                    f.write(b"x" * 2**20)
+                    written += 2**20
+        except OSError as exc:
+            print("stopped at", written // 2**20, "MB:", type(exc).__name__)
+            break
+print("wrote", written // 2**20, "MB")
+for _ in range(50):
+    os.write(2, b"e" * 2**20)
+'''
+
 MARKDOWN_XSS = ("My answer <script>alert('XSS-MD')</script> <img src=x onerror=alert('XSS-MDIMG')> "
                 "[click](javascript:alert('XSS-LINK')) and $a < b$.")
 
@@ -249,7 +314,9 @@ def seed_gradebook(workdir):
     out_dir.mkdir(parents=True)
     sub = sample_submission(LAB, RELEASE)
     from autograder.notebook import sanitize
-    (out_dir / "sanitized.ipynb").write_text(json.dumps(sanitize(sub, source)))
+    with open(RELEASE) as f:
+        release = json.load(f)
+    (out_dir / f"{LAB}.ipynb").write_text(json.dumps(sanitize(sub, source, release)))
     cells = {gc.grade_id: {"score": gc.points, "max": gc.points, "message": "ok"} for gc in grade_cells(source)}
     zoe = SubmissionResult("zoe", LAB, "graded", FULL, FULL, "all checks passed", cells, str(out_dir))
     assert write_gradebook(LAB, [zoe], str(workdir)) == {}
@@ -329,7 +396,7 @@ def _graded(tmp_path_factory):
                "reference module": os.path.join(course.REPO, "lib", "llmopt", "kv_cache.py"),
                "course secret": str(workdir / "secret"), "gradebook": gradebook,
                "carrot": str(workdir / "planted-carrot.txt"), "alice's notes": str(alice.parent / "notes.txt"),
-               "alice's notebook": str(alice), "zoe's result": str(workdir / "results" / "zoe" / LAB / "sanitized.ipynb"),
+               "alice's notebook": str(alice), "zoe's result": str(workdir / "results" / "zoe" / LAB / f"{LAB}.ipynb"),
                "shadow": "/etc/shadow", "host root": "/root/.bash_history"}
     snoop = SNOOP.replace("{TARGETS!r}", repr(targets)).replace("{GRADEBOOK!r}", repr(gradebook)) \
         .replace("{WORKDIR!r}", repr(str(workdir))).replace("{SUBMISSIONS!r}", repr(str(subs))) \
@@ -344,6 +411,33 @@ def _graded(tmp_path_factory):
     flood["cells"].insert(2, {"cell_type": "raw", "metadata": {}, "source": "<script>alert('XSS-RAW')</script>"})
     flood["cells"][index_of(flood, "q_phases")]["source"] = MARKDOWN_XSS
     write(subs, "j_flood", flood)
+
+    # family 1: answers deleted, or retyped as markdown: the release's stubs come back
+    deleted = light(release)
+    deleted["cells"] = [c for c in deleted["cells"] if not nbgrader_meta(c).get("solution")]
+    write(subs, "p_deleted", deleted)
+    retyped = light(release)
+    for c in retyped["cells"]:
+        if nbgrader_meta(c).get("solution") and c["cell_type"] == "code":
+            c["cell_type"] = "markdown"
+            c.pop("outputs", None)
+            c.pop("execution_count", None)
+    write(subs, "q_retyped", retyped)
+    # family 2: records rewritten after the check
+    with open(course.source_notebook(LAB)) as f:
+        good = next("".join(c["source"]) for c in json.load(f)["cells"]
+                    if nbgrader_meta(c).get("grade_id") == "KVCache_impl")
+    write(subs, "r_rewriter", insert_after(light(buggy), "check_generate",
+                                           REWRITE.replace("{GOOD!r}", repr(good))))
+    # family 4: a hostile record
+    huge = light(full)
+    for gid, (old, new) in HUGE.items():
+        cell = huge["cells"][index_of(huge, gid)]
+        cell["source"] = "".join(cell["source"]).replace(old, new)
+    huge["cells"].insert(index_of(huge, "check_kv_cache_bytes"), code_cell(HUGE_FNS))
+    write(subs, "s_huge", huge)
+    # family 5: disk and log floods
+    write(subs, "t_disk", insert_after(light(full), "check_generate", DISK))
 
     write(subs, "k_segfault", insert_after(light(full), "check_kv_cache_bytes", SEGFAULT))
     write(subs, "l_oom", insert_after(light(full), "check_kv_cache_bytes", OOM))
@@ -517,7 +611,7 @@ def test_gradebook_is_complete_and_unharmed(graded):
 def test_output_flood_is_capped_and_html_is_dropped(graded):
     r = graded["results"]["j_flood"]
     assert r.status == "graded" and r.score == FULL, r.message
-    size = os.path.getsize(os.path.join(r.out_dir, "run", "executed.ipynb"))
+    size = os.path.getsize(os.path.join(r.out_dir, "executed.ipynb"))
     assert size < 24 * 2**20
     assert "output truncated" in texts(r)
     autograded = graded["workdir"] / "autograded" / "j_flood" / LAB / f"{LAB}.ipynb"
@@ -565,10 +659,7 @@ def test_fork_bomb_and_background_processes_are_contained(graded):
     shown = texts(r)
     assert "fork refused after" in shown and "daemon started: True" in shown
     assert r.status == "graded" and r.score == FULL, r.message
-    beat = os.path.join(r.out_dir, "run", "home", "heartbeat")
-    first = os.path.getmtime(beat)
-    time.sleep(1.0)
-    assert os.path.getmtime(beat) == first  # the daemon died with the sandbox
+    assert not os.path.exists(os.path.join(r.out_dir, "run"))  # its run folder is gone ...
     leftover = subprocess.run(["pgrep", "-f", "signal.SIG_IGN"], capture_output=True, text=True).stdout
     assert not leftover.strip()
 
@@ -585,4 +676,64 @@ def test_killing_the_executor_is_a_retryable_error_not_a_zero(graded):
 
 
 def test_suite_fits_its_budget(graded):
-    print(f"\ngraded {len(graded['results'])} submissions in {graded['seconds']:.0f} s")
+    # two workers; one submission (the infinite loop) always uses its whole wall clock
+    n = len(graded["results"])
+    assert graded["seconds"] < TIMEOUT + n * 60, f"graded {n} submissions in {graded['seconds']:.0f} s"
+
+
+def _solution_code_in(r):
+    autograded = r.out_dir and os.path.join(r.out_dir, f"{LAB}.ipynb")
+    with open(autograded) as f:
+        text = f.read()
+    return "self.v[layer" in text or "BEGIN SOLUTION" in text
+
+
+def test_deleted_answers_score_zero_and_see_no_solution(graded):
+    for student in ("p_deleted", "q_retyped"):
+        r = graded["results"][student]
+        assert r.status == "graded" and r.score == 0, (student, r.message)
+        assert "NotImplementedError" in json.dumps(r.cells), student
+        assert not _solution_code_in(r), student
+        assert "self.v[layer" not in texts(r), student
+        fed = graded["workdir"] / "autograded" / student / LAB / f"{LAB}.ipynb"
+        assert "self.v[layer" not in fed.read_text(), student
+
+
+def test_rewritten_records_change_nothing(graded):
+    r = graded["results"]["r_rewriter"]
+    shown = texts(r)
+    assert "channel: True" in shown and "REWROTE" not in shown and "UNLINKED" not in shown, shown[-2000:]
+    assert r.status == "graded"
+    assert r.cells["check_KVCache"]["score"] == 0, r.cells["check_KVCache"]["message"]  # the first record stands
+    assert r.cells["check_kv_cache_bytes"]["score"] == 2
+
+
+def test_a_huge_record_costs_its_own_checks_only(graded):
+    import resource
+
+    r = graded["results"]["s_huge"]
+    assert r.status == "graded", r.message
+    assert r.cells["check_kv_cache_bytes"]["score"] == 0 and r.cells["check_generate"]["score"] == 0
+    assert "bytes: shape (4000000,), expected ()" in r.cells["check_kv_cache_bytes"]["message"]
+    assert "bytes: shape (1000000000000,)" in r.cells["check_kv_cache_bytes"]["message"]
+    assert "ids: shape (4000000,)" in r.cells["check_generate"]["message"]
+    assert r.cells["check_KVCache"]["score"] == 3
+    assert 0 < r.verify_peak_bytes < 1.5 * 2**30, r.verify_peak_bytes
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 < 1.5 * 2**30  # the grader
+    assert graded["results"]["alice"].score == FULL
+
+
+def _tree_bytes(path):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs
+               if not os.path.islink(os.path.join(d, f)))
+
+
+def test_a_disk_filler_leaves_nothing_behind(graded):
+    r = graded["results"]["t_disk"]
+    shown = texts(r)
+    assert "stopped at" in shown and r.status == "graded" and r.score == FULL, r.message
+    written = int(re.search(r"wrote (\d+) MB", shown).group(1))
+    assert written < 1024  # the run folder and /tmp are size-limited
+    assert not os.path.exists(os.path.join(r.out_dir, "run"))
+    assert _tree_bytes(graded["workdir"] / "results" / "t_disk") < 300 * 2**20
+    assert os.path.getsize(os.path.join(r.out_dir, "executor.log")) < 2 * 2**20

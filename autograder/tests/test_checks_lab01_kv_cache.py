@@ -202,3 +202,15 @@ def test_token_by_token_prefill_is_not_a_correctness_failure_but_is_named():
         return ids if eos_id is None else ref.generate(model, input_ids, max_new_tokens, True, eos_id)
     result = grade("generate", token_by_token)
     assert not result.ok and any("one prompt-phase call" in m for m in result.messages)
+
+
+# --- the form of a record is checked before anything is computed --------------------------
+
+def test_outputs_of_the_wrong_form_fail_before_verification():
+    wrong_shape = grade("cached_attention", lambda q, k, v: ref.cached_attention(q, k, v)[None])
+    assert wrong_shape.passed == 0 and "o: shape" in wrong_shape.messages[0]
+    huge = grade("generate", lambda model, ids, n, use_cache=True, eos_id=None:
+                 torch.zeros(4_000_000, dtype=torch.int64))
+    assert huge.passed == 0 and "ids: shape (4000000,)" in huge.messages[0]
+    wrong_kind = grade("cached_attention", lambda q, k, v: ref.cached_attention(q, k, v) > 0)
+    assert wrong_kind.passed == 0 and "expected a float tensor" in wrong_kind.messages[0]

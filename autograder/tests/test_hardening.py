@@ -16,6 +16,8 @@ from autograder.release import sample_submission
 
 LAB = "lab01_kv_cache"
 RELEASE = os.path.join(course.REPO, "labs", LAB, f"{LAB}.ipynb")
+with open(RELEASE) as _f:
+    RELEASE_NB = json.load(_f)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,7 @@ def test_forged_points_grade_ids_and_duplicates_are_ignored(source):
     nb["cells"].insert(0, json.loads(json.dumps(gid_cell)))  # and a copy placed first
     nb["cells"].append({"cell_type": "code", "metadata": {"nbgrader": {"grade": True, "grade_id": "bonus",
                         "points": 99, "solution": False}}, "source": "99", "outputs": [], "execution_count": 1})
-    out = sanitize(nb, source)
+    out = sanitize(nb, source, RELEASE_NB)
     assert sorted((g.grade_id, g.points) for g in grade_cells(out)) == \
         sorted((g.grade_id, g.points) for g in grade_cells(source))
     ids = [c["id"] for c in out["cells"]]
@@ -54,7 +56,7 @@ def test_a_grade_cell_turned_into_markdown_comes_back(source):
     nb = sample_submission(LAB, RELEASE)
     cell = next(c for c in nb["cells"] if nbgrader_meta(c).get("grade_id") == "check_generate")
     cell["cell_type"] = "markdown"
-    out = sanitize(nb, source)
+    out = sanitize(nb, source, RELEASE_NB)
     code = [c for c in out["cells"] if nbgrader_meta(c).get("grade_id") == "check_generate"]
     assert len(code) == 1 and code[0]["cell_type"] == "code"
 
@@ -65,7 +67,7 @@ def test_student_markdown_and_raw_cells_lose_their_markup(source):
     answer["source"] = "<script>alert(1)</script> see [x](javascript:alert(2)) and $a < b$, 3 < 4"
     answer["attachments"] = {"x.svg": {"image/svg+xml": "PHN2ZyBvbmxvYWQ9YWxlcnQoMSk+"}}
     nb["cells"].insert(1, {"cell_type": "raw", "metadata": {}, "source": "<img src=x onerror=alert(1)>"})
-    out = sanitize(nb, source)
+    out = sanitize(nb, source, RELEASE_NB)
     text = "\n".join(src(c) for c in out["cells"] if c["cell_type"] != "code"
                      and not nbgrader_meta(c).get("locked"))
     assert "<script" not in text and "<img" not in text and "javascript:" not in text
@@ -232,9 +234,8 @@ def test_two_graders_never_share_a_sandbox_uid(tmp_path):
         pytest.skip(str(exc))
     b = sandbox.Bubblewrap(LAB, str(tmp_path), slots=2)
     try:
-        ua = {a.acquire(), a.acquire()}
-        ub = {b.acquire(), b.acquire()}
-        assert not ua & ub
+        ua, ub = set(a._slots.queue), set(b._slots.queue)
+        assert len(ua) == len(ub) == 2 and not ua & ub
     finally:
         a.close()
         b.close()
@@ -242,22 +243,21 @@ def test_two_graders_never_share_a_sandbox_uid(tmp_path):
 
 def test_verification_is_deterministic_under_a_thread_pool(tmp_path, source):
     """Pool threads verify at once; the reference must not depend on who else is verifying
-    (the verifiers seed torch's global RNG). The loadtest caught this: a full solution scored
-    12 in one run and 10 in the next."""
+    (the verifiers seed torch's global RNG; each now runs in a process of its own). The
+    loadtest caught this once: a full solution scored 12 in one run and 10 in the next."""
     import concurrent.futures
 
     import llmopt.kv_cache as ref
-    from autograder.record import record_check
+    from autograder.verify import record_to_store
 
     fns = {"kv_cache_bytes": ref.kv_cache_bytes, "cached_attention": ref.cached_attention,
            "KVCache": ref.KVCache, "generate": ref.generate}
-    seeds = [11, 12, 13, 14]
+    seeds = [11, 12, 13]
     for seed in seeds:
-        for name, fn in fns.items():
-            record_check(LAB, name, fn, seed, str(tmp_path / str(seed)))
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        scores = list(pool.map(lambda s: grade._score(LAB, source, s, str(tmp_path / str(s)))[0],
-                               seeds * 3))
+        record_to_store(LAB, fns, seed, str(tmp_path / str(seed)))
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        scores = list(pool.map(lambda s: grade._score(LAB, source, s, str(tmp_path / str(s)), None)[0],
+                               seeds * 2))
     assert scores == [12.0] * len(scores)
 
 
