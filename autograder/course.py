@@ -19,12 +19,6 @@ DEFAULT_WORKDIR = os.path.join(REPO, ".grading")
 # module under study, and every other lab's reference, stay invisible). Declared next to the
 # lab's checks as ``LLMOPT_VISIBLE``; the import closure of what is declared comes along.
 # ``NEEDS_CORPUS = True`` there: the grader builds the course corpus once and mounts it.
-_VISIBLE_FALLBACK = {  # labs whose checks file does not declare it yet
-    "lab04_flash_attention": ["bench", "testing", "viz.tiling"],
-    "lab06_zero_fsdp": ["bench", "testing", "viz.zero", "launch"],
-    "lab07_gptq": ["gpt", "data", "bench", "testing", "viz.quant"],
-}
-_CORPUS_FALLBACK = {"lab07_gptq"}
 LLMOPT = os.path.join(REPO, "lib", "llmopt")
 
 
@@ -75,7 +69,8 @@ def visible_modules(lab: str) -> list[str]:
     """llmopt modules (dotted) the sandbox of ``lab`` shows: the declared ones and their imports."""
     declared = getattr(lab_checks(lab), "LLMOPT_VISIBLE", None)
     if declared is None:
-        declared = _VISIBLE_FALLBACK[lab]
+        raise KeyError(f"autograder/checks/{lab}.py declares no LLMOPT_VISIBLE: list the llmopt "
+                       "support modules its notebook imports (everything else is hidden)")
     todo, seen = list(declared), set()
     while todo:
         m = todo.pop()
@@ -89,7 +84,7 @@ def visible_modules(lab: str) -> list[str]:
 
 
 def needs_corpus(lab: str) -> bool:
-    return bool(getattr(lab_checks(lab), "NEEDS_CORPUS", lab in _CORPUS_FALLBACK))
+    return bool(getattr(lab_checks(lab), "NEEDS_CORPUS", False))
 
 
 def labs() -> list[str]:

@@ -186,9 +186,6 @@ def method_gaps(lab: str, notebook: str | None) -> dict[str, str]:
     """{check: what is missing} for checks whose method the notebook's code lacks."""
     if not notebook:
         return {}
-    import importlib.util
-    if importlib.util.find_spec("autograder.static") is None:  # TEMP until static.py lands
-        return {}
     from . import static
     with open(notebook) as f:
         return static.method_verdicts(lab, json.load(f))

@@ -6,6 +6,8 @@ Triton's CPU interpreter.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -121,9 +123,50 @@ def inputs_flash_attention_fwd_causal(seed: int) -> list[dict]:
     return _fwd_cases(_gen(seed + 1), causal=True)
 
 
+# torch functions that compute attention (or its pieces) outside a Triton kernel
+_TORCH_ATTENTION_OPS = {"scaled_dot_product_attention", "softmax", "log_softmax", "logsumexp",
+                        "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "baddbmm", "einsum",
+                        "exp", "exp_", "exp2"}
+
+
+@contextlib.contextmanager
+def _spy():
+    """Count Triton launches (kernel[grid](...)) and torch's attention functions while the
+    student's code runs. Only a way to fail lazy shortcuts early, with a clear message: the
+    kernel can patch anything, so a pass rests on the trusted reading of the notebook's code
+    (autograder/static.py) and on the values."""
+    from torch.overrides import TorchFunctionMode
+    from triton.runtime.jit import KernelInterface
+
+    seen = {"launches": 0, "torch_ops": 0}
+    getitem = KernelInterface.__getitem__
+
+    def counting_getitem(self, grid):
+        launch = getitem(self, grid)
+
+        def counted(*args, **kwargs):
+            seen["launches"] += 1
+            return launch(*args, **kwargs)
+        return counted
+
+    class CountTorch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in _TORCH_ATTENTION_OPS:
+                seen["torch_ops"] += 1
+            return func(*args, **(kwargs or {}))
+
+    KernelInterface.__getitem__ = counting_getitem
+    try:
+        with CountTorch():
+            yield seen
+    finally:
+        KernelInterface.__getitem__ = getitem
+
+
 def run_flash_attention_fwd(fn, case: dict) -> dict:
-    o, lse = fn(case["q"], case["k"], case["v"], causal=case["causal"], scale=case["scale"])
-    return {"o": o, "lse": lse}
+    with _spy() as seen:
+        o, lse = fn(case["q"], case["k"], case["v"], causal=case["causal"], scale=case["scale"])
+    return {"o": o, "lse": lse, **seen}
 
 
 run_flash_attention_fwd_causal = run_flash_attention_fwd
@@ -147,9 +190,10 @@ def inputs_flash_attention(seed: int) -> list[dict]:
 
 def run_flash_attention(fn, case: dict) -> dict:
     q, k, v = (case[n].clone().requires_grad_() for n in "qkv")
-    o = fn(q, k, v, causal=case["causal"], scale=case["scale"])
-    o.backward(case["do"])
-    return {"o": o, "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    with _spy() as seen:
+        o = fn(q, k, v, causal=case["causal"], scale=case["scale"])
+        o.backward(case["do"])
+    return {"o": o, "dq": q.grad, "dk": k.grad, "dv": v.grad, **seen}
 
 
 # --- what flash_attention keeps for its backward ----------------------------------------

@@ -13,7 +13,11 @@ import torch
 
 from llmopt.testing import compare, tolerance
 
+from .. import static
 from ..cases.lab04_flash_attention import _DTYPES
+
+# The sandbox shows these llmopt modules (and what they import); flash_attention stays hidden.
+LLMOPT_VISIBLE = ["bench", "testing", "viz.tiling"]
 
 
 def _scores(q, k, scale):
@@ -160,6 +164,17 @@ def verify_flash_attention_torch(case: dict, out: dict) -> str | None:
 
 # --- part 4: Triton ----------------------------------------------------------------------
 
+def _spied(out: dict, fn: str) -> str | None:
+    """What the in-kernel counters saw (an extra, early failure; never a reason to pass)."""
+    if int(out["launches"]) <= 0:
+        return (f"no Triton kernel was launched while {fn} ran: the Triton parts must run your "
+                "@triton.jit kernels (kernel[grid](...))")
+    if int(out["torch_ops"]) > 0:
+        return (f"{fn} called torch's softmax/matmul/exp/scaled_dot_product_attention "
+                f"{int(out['torch_ops'])} time(s): compute attention inside your Triton kernels")
+    return None
+
+
 def verify_flash_attention_fwd(case: dict, out: dict) -> str | None:
     q = case["q"]
     scale = q.shape[-1] ** -0.5 if case["scale"] is None else case["scale"]
@@ -172,7 +187,7 @@ def verify_flash_attention_fwd(case: dict, out: dict) -> str | None:
                   atol=1e-2 if low else 1e-4, name=f"L {_where(case)}", check_dtype=False)
     if msg is None and out["lse"].dtype != torch.float32:
         msg = f"L: dtype {out['lse'].dtype}, expected torch.float32"
-    return msg and msg + _lse_hint(case, out["lse"], scale)
+    return msg + _lse_hint(case, out["lse"], scale) if msg else _spied(out, "flash_attention_fwd")
 
 
 verify_flash_attention_fwd_causal = verify_flash_attention_fwd
@@ -197,11 +212,13 @@ def verify_flash_attention(case: dict, out: dict) -> str | None:
             if dtype == torch.bfloat16:
                 hint += "; in the interpreter, convert bf16 tiles to fp32 after tl.load"
             return msg + hint
-    return None
+    return _spied(out, "flash_attention")
 
 
 def verify_flash_attention_saved(case: dict, out: dict) -> str | None:
     B, H, N, d = case["q"].shape
+    if any(out[k].is_floating_point() for k in ("shapes", "n_saved", "holds_o")):
+        return "shapes, n_saved and holds_o must be recorded as integers (see run_flash_attention_saved)"
     shapes = [tuple(int(x) for x in row if x >= 0) for row in out["shapes"].tolist()]
     shapes = shapes[:int(out["n_saved"])]
     big = [s for s in shapes if len(s) >= 2 and s[-1] == N and s[-2] == N]
@@ -219,3 +236,79 @@ def verify_flash_attention_saved(case: dict, out: dict) -> str | None:
         return (f"saved tensors have shapes {shapes}: keep only Q, K, V, O and one L of shape "
                 f"{(B, H, N)}")
     return None
+
+
+# --- how the Triton parts must be computed (read from the notebook's source, see static.py) --
+
+# Host code of the Triton parts allocates outputs and launches kernels; the attention itself
+# (scores, exponentials, products with V) happens inside @triton.jit code.
+_TORCH_ATTENTION = (
+    "*attention*", "scaled_dot_product_attention", "*softmax*", "softmax", "log_softmax",
+    "softmin", "*logsumexp*", "logsumexp", "logaddexp*", "logaddexp", "logaddexp2",
+    "*matmul*", "matmul", "mm", "bmm", "*addmm", "addmm", "*addbmm", "addbmm", "baddbmm", "*mv",
+    "mv", "addmv", "einsum", "tensordot",
+    "inner", "outer", "dot", "vdot", "kron", "addr", "ger", "conv*", "linear", "bilinear",
+    "exp", "exp_", "exp2", "exp2_", "expm1", "expm1_", "ldexp", "pow", "pow_", "float_power",
+    "sigmoid", "sigmoid_", "tanh", "tanh_", "sinh", "cosh", "elu", "celu", "selu", "softplus",
+    "torch.nn", "torch.special", "torch.linalg", "torch.distributions", "torch.func",
+    "torch.fft", "torch.ops", "torch.library", "torch.compile", "torch.jit", "torch.utils",
+    "torch.hub", "torch.load", "torch.sparse", "torch.nested", "torch.masked", "torch._C",
+    "@", "**")
+_WHY_TRITON = (": in the Triton parts, scores, softmax and the products with V are computed "
+               "inside your @triton.jit kernels; the host code only allocates outputs and "
+               "launches them")
+_HOST_MODULES = ("torch", "math", "functools", "typing", "os.environ", "triton.jit",
+                 "triton.cdiv", "triton.next_power_of_2", "triton.autotune", "triton.heuristics",
+                 "triton.Config", "triton.language", "llmopt.testing")
+
+
+def _triton_part(fn):
+    return (fn, [static.no_dynamic_access(), static.no_llmopt_imports(allowed=("llmopt.testing",)),
+                 static.imports_only(*_HOST_MODULES), static.launches_triton_kernel(),
+                 static.forbids(*_TORCH_ATTENTION, why=_WHY_TRITON)])
+
+
+def _torch_part(fn, *extra):
+    return (fn, [static.no_dynamic_access(), static.no_llmopt_imports(allowed=("llmopt.testing",)),
+                 static.forbids(*extra, why=": this part asks for your own blockwise computation")])
+
+
+_SHORTCUTS = ("*softmax*", "softmax", "log_softmax", "softmin", "*logsumexp*", "logsumexp",
+              "*attention*", "scaled_dot_product_attention")
+METHOD = {
+    "merge_softmax_stats": _torch_part("merge_softmax_stats", *_SHORTCUTS),
+    "online_softmax": _torch_part("online_softmax", *_SHORTCUTS),
+    "flash_attention_v1_torch": _torch_part("flash_attention_v1_torch", *_SHORTCUTS),
+    "flash_attention_torch": _torch_part("flash_attention_torch", *_SHORTCUTS),
+    "flash_attention_fwd": _triton_part("flash_attention_fwd"),
+    "flash_attention_fwd_causal": _triton_part("flash_attention_fwd"),
+    "flash_attention": _triton_part("flash_attention"),
+    "flash_attention_saved": _triton_part("flash_attention"),
+}
+
+
+# --- what each run_X records: {key: (kind, shape)}, checked before anything is computed ----
+
+_COUNTERS = {"launches": ("int", ()), "torch_ops": ("int", ())}   # see cases' _spy
+
+
+def _qkv_like(inp, *keys):
+    return {k: ("float", tuple(inp[n].shape)) for k, n in keys}
+
+
+OUTPUTS = {
+    "merge_softmax_stats": lambda inp: {"m": ("float", tuple(inp["m1"].shape)),
+                                        "l": ("float", tuple(inp["m1"].shape))},
+    "online_softmax": lambda inp: {"p": ("float", tuple(inp["x"].shape))},
+    "flash_attention_v1_torch": lambda inp: _qkv_like(inp, ("o", "q")),
+    "flash_attention_torch": lambda inp: {**_qkv_like(inp, ("o", "q")),
+                                          "lse": ("float", tuple(inp["q"].shape[:3]))},
+    "flash_attention_fwd": lambda inp: {**_qkv_like(inp, ("o", "q")), **_COUNTERS,
+                                        "lse": ("float", tuple(inp["q"].shape[:3]))},
+    "flash_attention_fwd_causal": lambda inp: {**_qkv_like(inp, ("o", "q")), **_COUNTERS,
+                                               "lse": ("float", tuple(inp["q"].shape[:3]))},
+    "flash_attention": lambda inp: {**_qkv_like(inp, ("o", "q"), ("dq", "q"), ("dk", "k"), ("dv", "v")),
+                                    **_COUNTERS},
+    "flash_attention_saved": lambda inp: {"shapes": ("int", (None, 5)), "n_saved": ("int", ()),
+                                          "holds_o": ("bool", ())},
+}

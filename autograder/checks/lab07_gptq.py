@@ -14,10 +14,31 @@ import torch
 from llmopt import gptq as ref
 from llmopt.testing import compare
 
+from .. import static
 from ..cases.lab07_gptq import linear_names, tiny_opt
+
+# The sandbox shows these llmopt modules (and what they import); gptq stays hidden.
+LLMOPT_VISIBLE = ["gpt", "data", "bench", "testing", "viz.quant"]
+NEEDS_CORPUS = True  # perplexity and calibration data: the grader builds the corpus once
 
 MAX_MISMATCH = 0.01   # fraction of weights allowed on another grid point than the reference's
 ERR_RTOL = 0.02       # relative tolerance on the layer's output error ½ tr(D H Dᵀ)
+
+
+_DAMPING = (" — a dead input (H_qq = 0) or an undamped H? Dead inputs get H_qq = 1 and zero "
+            "weights; add λ = percdamp·mean(diag H) to the diagonal")
+
+
+def _not_finite(out: dict, hint: str = "") -> str | None:
+    """A message if an output holds NaN or ±inf (``x > tol`` is False for NaN: check first)."""
+    for name, t in out.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            bad = ~torch.isfinite(t)
+            kind = "NaN" if torch.isnan(t).any() else "inf"
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            return (f"{name} contains {kind} ({int(bad.sum())} of {t.numel()} entries, first at "
+                    f"index {idx}){hint}")
+    return None
 
 
 def _shape_msg(out: dict, exp: tuple, names=("W_hat", "scale", "zero")) -> str | None:
@@ -107,6 +128,9 @@ def _compare_quantized(case, out, exp, *, perm=None, what="W_hat") -> str | None
 
 
 def verify_quantize_rtn(case: dict, out: dict) -> str | None:
+    msg = _not_finite(out, " — a row of zeros must get the range [-1, 1], not scale 0")
+    if msg:
+        return msg
     exp = ref.quantize_rtn(case["W"], case["bits"], case["group_size"], case["sym"])
     msg = _shape_msg(out, exp)
     if msg:
@@ -125,6 +149,9 @@ def verify_quantize_rtn(case: dict, out: dict) -> str | None:
 
 
 def verify_obs_update(case: dict, out: dict) -> str | None:
+    msg = _not_finite(out)
+    if msg:
+        return msg
     w_exp, L_exp = ref.obs_update(case["w"], case["Hinv"], case["q"], case["target"])
     w_new, L = out["w_new"].double(), out["L"].double()
     q = case["q"]
@@ -144,6 +171,9 @@ def verify_obs_update(case: dict, out: dict) -> str | None:
 
 
 def verify_obs_quantize_columns(case: dict, out: dict) -> str | None:
+    msg = _not_finite(out, _DAMPING)
+    if msg:
+        return msg
     exp = ref.obs_quantize_columns(case["W"], case["H"], case["bits"], case["group_size"])
     msg = _compare_quantized(dict(case, sym=False), out, exp)
     if msg and "grid point" in msg:
@@ -153,6 +183,9 @@ def verify_obs_quantize_columns(case: dict, out: dict) -> str | None:
 
 
 def verify_gptq_quantize(case: dict, out: dict) -> str | None:
+    msg = _not_finite(out, _DAMPING)
+    if msg:
+        return msg
     exp = ref.gptq_quantize(case["W"], case["H"], case["bits"], case["group_size"],
                             case["block_size"], case["percdamp"], case["act_order"], case["sym"])
     perm = ref.act_order_perm(case["H"]) if case["act_order"] else None
@@ -166,6 +199,9 @@ def verify_gptq_quantize(case: dict, out: dict) -> str | None:
 
 
 def verify_GPTQ(case: dict, out: dict) -> str | None:
+    msg = _not_finite(out)
+    if msg:
+        return msg
     X = torch.cat([b.reshape(-1, case["cols"]) for b in case["batches"]]).double()
     H = 2 * X.T @ X / X.shape[0]
     got = out["H"].double()
@@ -182,6 +218,9 @@ def verify_GPTQ(case: dict, out: dict) -> str | None:
 
 
 def verify_quantize_model(case: dict, out: dict) -> str | None:
+    msg = _not_finite(out, _DAMPING)
+    if msg:
+        return msg
     model = tiny_opt(case["model_seed"], case["layers"])
     original = {n: m.weight.detach().clone() for n, m in model.named_modules() if n in linear_names(model)}
     ref.quantize_model(model, case["method"], case["calib"], case["bits"], case["group_size"])
@@ -231,3 +270,56 @@ def verify_quantize_model(case: dict, out: dict) -> str | None:
         if msg:
             return msg + " — only the decoder layers' linear weights may change"
     return None
+
+
+# --- how the parts must be computed (read from the notebook's source, see static.py) --------
+
+_LIBRARY_OK = ("llmopt.testing", "llmopt.viz.quant.correlated_inputs", "llmopt.data", "llmopt.gpt",
+               "llmopt.bench")
+_OWN_CODE = [static.no_dynamic_access(), static.no_llmopt_imports(allowed=_LIBRARY_OK)]
+_CHOLESKY = ("torch.linalg.cholesky", "torch.linalg.cholesky_ex", "torch.cholesky",
+             "torch.cholesky_inverse")
+METHOD = {
+    "quantize_rtn": _OWN_CODE,
+    "obs_update": _OWN_CODE,
+    "obs_quantize_columns": _OWN_CODE,
+    "gptq_quantize": _OWN_CODE + [
+        static.imports_only("torch", "math", "functools", "typing", *_LIBRARY_OK),
+        static.does_not_reach("obs_update", "obs_quantize_columns",
+                              why=": GPTQ reaches the same result without the column-by-column "
+                                  "OBS of the earlier parts — take the upper Cholesky factor U of "
+                                  "the damped H⁻¹ and update the later columns block by block "
+                                  "(Algorithm 1)"),
+        static.calls(*_CHOLESKY, what="a Cholesky factorization (torch.linalg.cholesky): GPTQ "
+                                      "takes its updates from the upper Cholesky factor of the "
+                                      "damped H⁻¹")],
+    "GPTQ": _OWN_CODE,
+    "quantize_model": _OWN_CODE,
+}
+
+
+# --- what each run_X records: {key: (kind, shape)}, checked before anything is computed ----
+
+def _quantized(inp, W="W"):
+    rows, cols = inp[W].shape
+    groups = 1 if inp["group_size"] <= 0 else -(-cols // inp["group_size"])
+    return {"W_hat": ("float", (rows, cols)), "scale": ("float", (rows, groups)),
+            "zero": ("float", (rows, groups))}
+
+
+def _model_outputs(inp):
+    model = tiny_opt(inp["model_seed"], inp["layers"])
+    mods = dict(model.named_modules())
+    out = {"logits": ("float", (*inp["ids"].shape, model.config.vocab_size))}
+    out.update({"w." + n: ("float", tuple(mods[n].weight.shape)) for n in linear_names(model)})
+    return out
+
+
+OUTPUTS = {
+    "quantize_rtn": _quantized,
+    "obs_update": lambda inp: {"w_new": ("float", tuple(inp["w"].shape)), "L": ("float", ())},
+    "obs_quantize_columns": _quantized,
+    "gptq_quantize": _quantized,
+    "GPTQ": lambda inp: {"H": ("float", (inp["cols"], inp["cols"]))},
+    "quantize_model": _model_outputs,
+}

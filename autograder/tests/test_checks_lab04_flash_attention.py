@@ -106,7 +106,21 @@ def as_fwd(**bug):
 
 def test_tiled_helper_is_right_without_mistakes():
     assert grade("flash_attention_torch", as_torch()).ok
-    assert grade("flash_attention_fwd_causal", as_fwd()).ok
+    r = grade("flash_attention_fwd_causal", as_fwd())         # right values, but no Triton
+    assert r.passed == 0 and all("no Triton kernel was launched" in m for m in r.messages), r.messages
+
+
+def test_in_kernel_counters_fail_torch_attention_in_the_triton_parts():
+    """An extra, early failure (the trusted one is autograder.static's reading of the code)."""
+    def sdpa_after_a_launch(q, k, v, causal=False, scale=None):
+        o, lse = ref.flash_attention_fwd(q, k, v, causal, scale)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), is_causal=causal, scale=scale)
+        return o.to(q.dtype), lse
+    r = grade("flash_attention_fwd", sdpa_after_a_launch)
+    assert r.passed == 0 and all("scaled_dot_product_attention" in m for m in r.messages), r.messages
+    r = grade("flash_attention", SavesP.apply)
+    assert r.passed == 0 and all("no Triton kernel was launched" in m for m in r.messages), r.messages
 
 
 def test_merge_without_rescaling_l_fails():
@@ -264,3 +278,229 @@ def test_gradient_mistake_fails():
                 return dq / (q.shape[-1] ** -0.5 if scale is None else scale), dk, dv, None, None
         return F.apply(q, k, v, causal, scale)
     assert failed_with(grade("flash_attention", no_scale_in_dq), "dQ")
+
+
+# --- the method: the Triton parts must launch the student's own kernels (autograder/static.py) --
+
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import re  # noqa: E402
+
+from autograder import static  # noqa: E402
+from autograder.notebook import cell_source, grade_cells, nbgrader_meta  # noqa: E402
+
+SOLUTION = pathlib.Path(__file__).parents[2] / "solutions" / LAB / f"{LAB}.ipynb"
+TRITON_CHECKS = {"flash_attention_fwd", "flash_attention_fwd_causal", "flash_attention",
+                 "flash_attention_saved"}
+
+
+def solution_nb():
+    return json.loads(SOLUTION.read_text())
+
+
+def edit(nb, grade_id, fn):
+    """Replace the source of the solution cell ``grade_id`` by ``fn(old_source)``."""
+    for cell in nb["cells"]:
+        if nbgrader_meta(cell).get("grade_id") == grade_id:
+            cell["source"] = fn(cell_source(cell))
+            return nb
+    raise KeyError(grade_id)
+
+
+def add_cell(nb, source, before="flash_attention_fwd_impl"):
+    """Insert a student's own code cell before the solution cell ``before``."""
+    i = next(i for i, c in enumerate(nb["cells"]) if nbgrader_meta(c).get("grade_id") == before)
+    nb["cells"].insert(i, {"cell_type": "code", "metadata": {}, "source": source})
+    return nb
+
+
+def fwd_body(nb, body):
+    """flash_attention_fwd with ``body`` in place of its solution."""
+    return edit(nb, "flash_attention_fwd_impl", lambda src: re.sub(
+        r"[ \t]*### BEGIN SOLUTION.*### END SOLUTION", lambda m: body.strip("\n"), src, flags=re.S))
+
+
+def stubbed(nb):
+    """The student's release: every solution replaced by raise NotImplementedError()."""
+    for cell in nb["cells"]:
+        if nbgrader_meta(cell).get("solution") and cell["cell_type"] == "code":
+            cell["source"] = re.sub(r"( *)### BEGIN SOLUTION.*?### END SOLUTION",
+                                    r"\1raise NotImplementedError()", cell_source(cell), flags=re.S)
+    return nb
+
+
+def verdicts(nb):
+    return static.method_verdicts(LAB, nb)
+
+
+LAUNCH = """
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, H, N, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    o = torch.empty_like(q)
+    lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
+    _flash_fwd_kernel[(triton.cdiv(N, 64), B * H)](
+        q, k, v, o, lse, scale, q.stride(0), q.stride(1), q.stride(2), H, N,
+        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=64, BLOCK_N=64,
+        CAUSAL=causal, UPCAST=True)
+"""
+
+
+def test_reference_solution_follows_the_method():
+    assert verdicts(solution_nb()) == {}
+
+
+def test_release_stubs_fail_the_triton_parts():
+    out = verdicts(stubbed(solution_nb()))
+    assert set(out) == TRITON_CHECKS
+    assert all("launches no Triton kernel of your own" in m for m in out.values()), out
+
+
+def test_no_triton_at_all_keeps_at_most_40_percent():
+    """Plain attention in an autograd.Function (it scored 15/15 before the method rules)."""
+    nb = fwd_body(solution_nb(), "    return attention_naive(q, k, v, causal, scale), None")
+    nb = edit(nb, "flash_bwd_kernels_impl", lambda src: "# no kernels\n")
+    nb = edit(nb, "flash_fwd_kernel_impl", lambda src: "# no kernels\n")
+    nb = edit(nb, "flash_attention_impl", lambda src: (
+        "class FlashAttention(torch.autograd.Function):\n"
+        "    pass\n\n\n"
+        "def flash_attention(q, k, v, causal=False, scale=None):\n"
+        "    return attention_naive(q, k, v, causal, scale)\n"))
+    out = verdicts(nb)
+    assert set(out) == TRITON_CHECKS
+    assert all("launches no Triton kernel of your own" in m for m in out.values()), out
+    kept = sum(gc.points * sum(c not in out for c in gc.checks) / len(gc.checks)
+               for gc in grade_cells(solution_nb()))
+    total = sum(gc.points for gc in grade_cells(solution_nb()))
+    assert kept <= 0.4 * total, (kept, total)
+
+
+@pytest.mark.parametrize("variant", ["direct", "alias", "from_import", "helper", "renamed",
+                                     "computed_getattr"])
+def test_sdpa_inside_the_triton_parts_fails(variant):
+    nb = solution_nb()
+    call = {"direct": "torch.nn.functional.scaled_dot_product_attention",
+            "alias": "G.scaled_dot_product_attention", "from_import": "a",
+            "helper": "my_helper", "renamed": "mine",
+            "computed_getattr": 'getattr(torch.nn.functional, "scaled_dot" + "_product_attention")'}[variant]
+    cells = {"alias": "import torch.nn.functional as G",
+             "from_import": "from torch.nn.functional import scaled_dot_product_attention as a",
+             "helper": "def my_helper(q, k, v, **kw):\n    import torch.nn.functional as H\n"
+                       "    return H.scaled_dot_product_attention(q, k, v, **kw)\n",
+             "renamed": "import torch.nn.functional as G\nattn = G.scaled_dot_product_attention\n"
+                        "mine = attn\n"}
+    if variant in cells:
+        add_cell(nb, cells[variant], before="online_softmax_impl")
+    nb = fwd_body(nb, LAUNCH + f"    o = {call}(q, k, v, is_causal=causal, scale=scale)\n"
+                               "    return o, lse\n")
+    out = verdicts(nb)
+    assert set(out) == TRITON_CHECKS, out
+    text = "computed name" if variant == "computed_getattr" else "scaled_dot_product_attention"
+    assert all(text in m for m in out.values()), out
+
+
+def test_dummy_kernel_with_torch_attention_fails():
+    """A Triton kernel that loads, stores and dots something is launched; O comes from torch."""
+    nb = add_cell(solution_nb(), (
+        "@triton.jit\n"
+        "def _dummy(X, BLOCK: tl.constexpr):\n"
+        "    i = tl.arange(0, BLOCK)\n"
+        "    x = tl.load(X + i[:, None] * BLOCK + i[None, :])\n"
+        "    tl.store(X + i[:, None] * BLOCK + i[None, :], tl.dot(x, x))\n"))
+    nb = fwd_body(nb, """
+    scratch = torch.zeros(16, 16)
+    _dummy[(1,)](scratch, BLOCK=16)
+    s = (q.float() @ k.float().transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    return (torch.softmax(s, -1) @ v.float()).to(q.dtype), torch.logsumexp(s, -1)
+""")
+    out = verdicts(nb)
+    assert set(out) == TRITON_CHECKS
+    assert all("the @ operator" in m and "inside your @triton.jit kernels" in m for m in out.values()), out
+
+
+def test_torch_tiled_forward_behind_a_kernel_launch_fails():
+    """The Triton forward returns part 3's PyTorch result after launching the real kernel."""
+    nb = fwd_body(solution_nb(), LAUNCH + "    return flash_attention_torch(q, k, v, causal)\n")
+    out = verdicts(nb)
+    assert set(out) == TRITON_CHECKS
+    assert all("(in flash_attention_torch)" in m for m in out.values()), out
+
+
+def test_reference_library_kernel_fails():
+    nb = add_cell(solution_nb(), "from llmopt.flash_attention import flash_attention_fwd as _fwd")
+    nb = fwd_body(nb, "    return _fwd(q, k, v, causal, scale)\n")
+    out = verdicts(nb)
+    assert "llmopt.flash_attention.flash_attention_fwd" in out["flash_attention_fwd"], out
+
+
+def test_torch_parts_must_not_call_softmax():
+    nb = edit(solution_nb(), "online_softmax_impl", lambda src: src.replace(
+        "return torch.exp(x - m[..., None]) / l[..., None]", "return x.softmax(-1)"))
+    out = verdicts(nb)
+    assert set(out) == {"online_softmax"} and "softmax" in out["online_softmax"], out
+
+
+def test_unparsable_solution_cell_fails_its_checks():
+    nb = edit(solution_nb(), "flash_attention_fwd_impl", lambda src: src.replace("):", ")", 1))
+    out = verdicts(nb)
+    assert out["flash_attention_fwd"].startswith("could not read the code of flash_attention_fwd")
+
+
+# --- NaN never passes; the output specs match what the reference records ---------------------
+
+def test_nan_in_an_output_fails_with_a_message_saying_so():
+    def nan_rows(q, k, v, causal=False, scale=None):
+        o, lse = ref.flash_attention_fwd(q, k, v, causal, scale)
+        o[..., 0, :] = float("nan")
+        return o, lse
+    assert failed_with(grade("flash_attention_fwd", nan_rows), "NaN")
+
+    def nan_lse(q, k, v, causal=False, block_q=64, block_k=64):
+        o, lse = ref.flash_attention_torch(q, k, v, causal, block_q, block_k)
+        return o, torch.full_like(lse, float("nan"))
+    assert failed_with(grade("flash_attention_torch", nan_lse), "NaN")
+
+
+def test_compare_fails_on_nan_even_where_nan_is_expected():
+    from llmopt.testing import compare
+    nan = torch.tensor([1.0, float("nan")])
+    assert "NaN" in compare(nan, torch.tensor([1.0, 2.0]))
+    assert "NaN" in compare(nan, nan.clone())
+    assert "NaN" in compare(nan, torch.tensor([1, 2]), check_dtype=False)
+
+
+def _kind_ok(t, kind):
+    return {"float": t.is_floating_point(), "bool": t.dtype == torch.bool,
+            "int": not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool,
+            "any": True}[kind]
+
+
+def as_tensor(value):
+    """A run_X value as the recorder stores it (bools, ints and floats become 0-d tensors)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    return torch.tensor(value, dtype=torch.bool if isinstance(value, bool) else
+                        torch.float64 if isinstance(value, float) else torch.int64)
+
+
+def assert_outputs_match_spec(lab, functions, seed=0):
+    """What run_X returns for the reference has exactly OUTPUTS[X]'s keys, kinds and shapes."""
+    import importlib
+    cases = importlib.import_module(f"autograder.cases.{lab}")
+    checks = importlib.import_module(f"autograder.checks.{lab}")
+    assert set(checks.OUTPUTS) == set(functions) == {n[len("verify_"):] for n in dir(checks)
+                                                     if n.startswith("verify_")}
+    for name, fn in functions.items():
+        for i, inp in enumerate(getattr(cases, f"inputs_{name}")(seed)):
+            out = {k: as_tensor(v) for k, v in getattr(cases, f"run_{name}")(fn, inp).items()}
+            spec = checks.OUTPUTS[name](inp)
+            assert set(out) == set(spec), (name, i, sorted(out), sorted(spec))
+            for key, (kind, shape) in spec.items():
+                t = out[key]
+                assert kind in ("float", "int", "bool", "any") and _kind_ok(t, kind), (name, key, t.dtype)
+                assert len(shape) == t.dim() and all(s is None or s == n for s, n in zip(shape, t.shape)), \
+                    (name, key, tuple(t.shape), shape)
+
+
+def test_output_specs_match_the_reference_records():
+    assert_outputs_match_spec(LAB, CHECKS)

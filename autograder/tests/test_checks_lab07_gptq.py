@@ -138,7 +138,8 @@ def test_quantize_rtn_both_ways():
         W_hat, s, z = ref.quantize_rtn(W, bits, group_size, sym)
         return W_hat, s.reshape(-1), z.reshape(-1)
     r = _grade("quantize_rtn", no_clamp)
-    assert not r.ok and any("(rows, n_groups)" in m for m in r.messages), r.messages
+    # the record's form is checked against OUTPUTS before verify_X: the message names the shape
+    assert not r.ok and any("(rows, n_groups)" in m or "expected (8, 1)" in m for m in r.messages), r.messages
 
 
 # --------------------------------------------------------------------------- obs_update
@@ -248,3 +249,152 @@ def test_quantize_model_both_ways():
         return model
     r = _grade("quantize_model", nothing)
     assert r.passed == 0 and any("not quantized" in m for m in r.messages), r.messages
+
+
+# --------------------------------------------------------------------------- the method
+# gptq_quantize must be the blocked Cholesky algorithm written in the notebook
+# (autograder/static.py reads the notebook's code on the trusted side).
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import re  # noqa: E402
+
+from autograder import static  # noqa: E402
+from autograder.notebook import cell_source, nbgrader_meta  # noqa: E402
+
+SOLUTION = pathlib.Path(__file__).parents[2] / "solutions" / LAB / f"{LAB}.ipynb"
+
+
+def _solution_nb():
+    return json.loads(SOLUTION.read_text())
+
+
+def _with_gptq_body(body, extra_cell=None):
+    """The solution notebook with gptq_quantize's solution replaced by ``body``."""
+    nb = _solution_nb()
+    for i, cell in enumerate(nb["cells"]):
+        if nbgrader_meta(cell).get("grade_id") == "gptq_quantize_impl":
+            cell["source"] = re.sub(r"[ \t]*### BEGIN SOLUTION.*### END SOLUTION",
+                                    lambda m: body.strip("\n"), cell_source(cell), flags=re.S)
+            if extra_cell:
+                nb["cells"].insert(i, {"cell_type": "code", "metadata": {}, "source": extra_cell})
+            return nb
+    raise KeyError("gptq_quantize_impl")
+
+
+def _verdicts(nb):
+    return static.method_verdicts(LAB, nb)
+
+
+def test_reference_solution_follows_the_method():
+    assert _verdicts(_solution_nb()) == {}
+
+
+def test_release_stub_fails_the_method():
+    nb = _with_gptq_body("    raise NotImplementedError()")
+    assert "never calls a Cholesky factorization" in _verdicts(nb)["gptq_quantize"]
+
+
+@pytest.mark.parametrize("body,name", [
+    ("    return obs_quantize_columns(W, H, bits, group_size, percdamp, sym)", "obs_quantize_columns"),
+    ("""
+    W = W.clone()
+    Hinv = torch.linalg.inv(H + percdamp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype))
+    torch.linalg.cholesky(Hinv)
+    scale, zero = quant_params(W, bits, sym)
+    for q in range(W.shape[1]):
+        for r in range(W.shape[0]):
+            W[r], _ = obs_update(W[r], Hinv, q, quantize(W[r, q], scale[r], zero[r], bits))
+    return W, scale, zero
+""", "obs_update"),
+])
+def test_gptq_built_on_the_per_column_obs_fails(body, name):
+    msg = _verdicts(_with_gptq_body(body))["gptq_quantize"]
+    assert f"uses {name}" in msg and "Cholesky" in msg, msg
+
+
+def test_gptq_through_a_renamed_obs_fails():
+    nb = _with_gptq_body("    return column_by_column(W, H, bits, group_size, percdamp, sym)",
+                         extra_cell="column_by_column = obs_quantize_columns")
+    assert "uses obs_quantize_columns" in _verdicts(nb)["gptq_quantize"]
+
+
+@pytest.mark.parametrize("extra,body,shown", [
+    ("from llmopt.viz.quant import _gptq_state",
+     "    return _gptq_state(W, quantize_rtn(W, bits)[0], H, 0), None, None", "llmopt.viz.quant._gptq_state"),
+    (None, "    import llmopt.viz.quant as vq\n    return vq._gptq_state(W, W, H, 0), None, None",
+     "llmopt.viz.quant"),
+    ("from llmopt import gptq as g",
+     "    return g.gptq_quantize(W, H, bits, group_size, block_size, percdamp, act_order, sym)",
+     "llmopt.gptq.gptq_quantize"),
+    (None, "    from llmopt.gptq import gptq_quantize as q\n    return q(W, H, bits)", "llmopt.gptq"),
+])
+def test_gptq_from_the_course_library_fails(extra, body, shown):
+    msg = _verdicts(_with_gptq_body(body, extra))["gptq_quantize"]
+    assert shown in msg and "course library" in msg, msg
+
+
+def test_gptq_without_cholesky_fails():
+    nb = _with_gptq_body("""
+    W = W.clone()
+    Hinv = torch.linalg.inv(H + percdamp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype))
+    scale, zero = quant_params(W, bits, sym)
+    Q = torch.zeros_like(W)
+    for q in range(W.shape[1]):
+        Q[:, q] = quantize(W[:, q:q + 1], scale, zero, bits)[:, 0]
+        W += (Q[:, q] - W[:, q])[:, None] * Hinv[q][None, :] / Hinv[q, q]
+        Hinv -= Hinv[:, q:q + 1] @ Hinv[q:q + 1, :] / Hinv[q, q]
+    return Q, scale, zero
+""")
+    msg = _verdicts(nb)["gptq_quantize"]
+    assert "never calls a Cholesky factorization" in msg, msg
+
+
+def test_other_parts_from_the_library_fail():
+    nb = _solution_nb()
+    nb["cells"].append({"cell_type": "code", "metadata": {}, "source": "from llmopt.gptq import obs_update"})
+    assert "llmopt.gptq.obs_update" in _verdicts(nb)["obs_update"]
+
+
+# --------------------------------------------------------------------------- NaN, output specs
+def test_nan_in_an_output_fails_with_a_message_saying_so():
+    def nan_gptq(*a, **k):
+        W_hat, s, z = ref.gptq_quantize(*a, **k)
+        W_hat[0, 0] = float("nan")                          # NaN > tol is False: must still fail
+        return W_hat, s, z
+    r = _grade("gptq_quantize", nan_gptq)
+    assert r.passed == 0 and all("W_hat contains NaN" in m for m in r.messages), r.messages
+
+    def nan_model(model, method, calib, bits, group_size):
+        ref.quantize_model(model, method, calib, bits, group_size)
+        model.model.decoder.layers[0].fc1.weight.data[0, 0] = float("nan")
+        return model
+    r = _grade("quantize_model", nan_model)
+    assert r.passed == 0 and all("NaN" in m for m in r.messages), r.messages
+
+    def nan_L(w, Hinv, q, target):
+        return ref.obs_update(w, Hinv, q, target)[0], float("nan")
+    r = _grade("obs_update", nan_L)
+    assert r.passed == 0 and all("L contains NaN" in m for m in r.messages), r.messages
+
+
+def test_output_specs_match_the_reference_records():
+    """What run_X returns for the reference has exactly OUTPUTS[X]'s keys, kinds and shapes."""
+    from autograder.cases import lab07_gptq as cases
+    from autograder.checks import lab07_gptq as checks
+    kinds = {"float": lambda t: t.is_floating_point(), "bool": lambda t: t.dtype == torch.bool,
+             "int": lambda t: not t.is_floating_point() and t.dtype != torch.bool, "any": lambda t: True}
+    functions = {"quantize_rtn": ref.quantize_rtn, "obs_update": ref.obs_update,
+                 "obs_quantize_columns": ref.obs_quantize_columns,
+                 "gptq_quantize": ref.gptq_quantize, "GPTQ": ref.GPTQ,
+                 "quantize_model": ref.quantize_model}
+    assert set(checks.OUTPUTS) == set(functions) == {n[7:] for n in dir(checks) if n.startswith("verify_")}
+    for name, fn in functions.items():
+        for i, inp in enumerate(getattr(cases, f"inputs_{name}")(0)):
+            out = getattr(cases, f"run_{name}")(fn, inp)            # every value is a tensor here
+            spec = checks.OUTPUTS[name](inp)
+            assert set(out) == set(spec), (name, i, sorted(out), sorted(spec))
+            for key, (kind, shape) in spec.items():
+                t = torch.as_tensor(out[key])
+                assert kinds[kind](t), (name, key, t.dtype)
+                assert len(shape) == t.dim() and all(s in (None, n) for s, n in zip(shape, t.shape)), \
+                    (name, key, tuple(t.shape), shape)

@@ -8,7 +8,7 @@ import torch
 from llmopt.gptq import (GPTQ, act_order_perm, decoder_layers, gptq_quantize, layer_linears,
                          obs_quantize_columns, obs_update, quant_params, quantize, quantize_model,
                          quantize_rtn, reconstruction_error)
-from llmopt.viz.quant import correlated_inputs, gptq_state, sweep_errors
+from llmopt.viz.quant import correlated_inputs, _gptq_state, sweep_errors
 
 
 def _problem(rows=24, cols=64, n=512, seed=0, dtype=torch.float64):
@@ -136,7 +136,7 @@ def test_sweep_state_is_sequential_obs():
     for q in range(10):                                      # ten OBS steps by hand
         Wc += (Wg[:, q] - Wc[:, q])[:, None] * Hinv[q][None, :] / Hinv[q, q]
         Hinv -= Hinv[:, q:q + 1] @ Hinv[q:q + 1, :] / Hinv[q, q]
-    torch.testing.assert_close(gptq_state(W, Wg, H, 10), Wc, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(_gptq_state(W, Wg, H, 10), Wc, rtol=1e-6, atol=1e-6)
     c = sweep_errors(W, H, Wg, Wr)
     assert c["gptq"][0] == 0 and c["rtn"][0] == 0
     n = X.shape[0]

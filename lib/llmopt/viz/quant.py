@@ -15,6 +15,10 @@ possible. The widget shows that sweep, driven by the functions passed in (the st
 
 ``sweep_errors`` computes the curves (testable without a display); ``gptq_sweep_widget``
 draws them with a slider over the column and controls for bits, group size and act-order.
+The OBS compensation behind the picture (``_gptq_state``) is private to this widget: it
+needs a finished ``W_hat`` and is not a quantizer, and lab07's graded functions may not use
+anything from ``llmopt.viz.quant`` but ``correlated_inputs`` (the grader reads the notebook's
+code and gives 0 to a ``gptq_quantize`` that does).
 ``correlated_inputs`` makes the kind of inputs where GPTQ matters: correlated features
 with a few large ("outlier") ones, as in a transformer's hidden states.
 """
@@ -42,10 +46,11 @@ def _damped_hessian(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     return H
 
 
-def gptq_state(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, j: int,
-               percdamp: float = 0.01, order: torch.Tensor | None = None) -> torch.Tensor:
+def _gptq_state(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, j: int,
+                percdamp: float = 0.01, order: torch.Tensor | None = None) -> torch.Tensor:
     """GPTQ's matrix after its first ``j`` columns (in ``order``): quantized ones from
-    ``W_hat``, the rest compensated by OBS. (rows, cols), float64, original column order."""
+    ``W_hat``, the rest compensated by OBS. (rows, cols), float64, original column order.
+    Private to the widget (see the module's docstring)."""
     W, W_hat = W.to(torch.float64), W_hat.to(torch.float64)
     cols = W.shape[1]
     order = torch.arange(cols) if order is None else order
@@ -80,7 +85,7 @@ def sweep_errors(W: torch.Tensor, H: torch.Tensor, W_gptq: torch.Tensor, W_rtn: 
     Wd = W.to(torch.float64)
     g, r = [], []
     for j in range(cols + 1):
-        g.append(output_error(Wd, gptq_state(Wd, W_gptq, H, j, percdamp, order), H))
+        g.append(output_error(Wd, _gptq_state(Wd, W_gptq, H, j, percdamp, order), H))
         M = Wd.clone()
         M[:, order[:j]] = W_rtn.to(torch.float64)[:, order[:j]]
         r.append(output_error(Wd, M, H))
@@ -124,7 +129,7 @@ def gptq_sweep_widget(gptq_fn, rtn_fn, W: torch.Tensor | None = None, X: torch.T
     def draw(*_):
         Wg, Wr, order, curves = compute(nbits.value, group.value, act.value)
         j = col.value
-        state = gptq_state(W, Wg, H, j, percdamp, order)
+        state = _gptq_state(W, Wg, H, j, percdamp, order)
         with out:
             out.clear_output(wait=True)
             fig, ax = plt.subplots(1, 3, figsize=(14, 3.6))
