@@ -172,6 +172,7 @@ _ENDINGS = {
     "oom": "the kernel ran out of memory (over the sandbox's limit)",
     "pids": "the notebook hit the sandbox's process limit (a fork bomb?)",
     "crash": "the kernel died (os._exit, a crash or out of memory?)",
+    "disk": "the notebook filled its disk space (its outputs could not all be saved)",
 }
 
 

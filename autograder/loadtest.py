@@ -55,10 +55,10 @@ HOSTILE = {
     "oom": ("check_kv_cache_bytes", "hog = []\nwhile True:\n    hog.append(b'x' * 2**28)\n"),
 }
 # kind -> what the grade must be (None: any score, checked only for determinism)
-EXPECT = {"correct": ("graded", 12.0), "bug_cache": ("graded", None), "bug_attention": ("graded", None),
+EXPECT = {"correct": ("graded", 15.0), "bug_cache": ("graded", None), "bug_attention": ("graded", None),
           "release": ("graded", 0.0), "invalid": ("not_gradable", 0.0), "patcher": ("graded", None),
           "transformer": ("graded", None), "snoop": ("graded", 0.0), "osexit": ("graded", 2.0),
-          "segfault": ("graded", 2.0), "flood": ("graded", 12.0), "forkbomb": ("graded", None),
+          "segfault": ("graded", 2.0), "flood": ("graded", 15.0), "forkbomb": ("graded", None),
           "oom": ("graded", 2.0), "forged": ("graded", 0.0)}
 # per 40 submissions: 20 correct, 10 wrong, 10 hostile
 MIX = (["correct"] * 20 + ["bug_cache"] * 4 + ["bug_attention"] * 3 + ["release"] * 3 +

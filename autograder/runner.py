@@ -163,6 +163,7 @@ def execute_notebook(notebook: str, out_dir: str, lab: str, seed: int, sandbox, 
                 returncode = proc.returncode
             log.join(10)
             usage = slot.usage()
+            usage["disk_full"] = disk_full(run_dir)
             for name, cap in (("executed.ipynb", MAX_EXECUTED_BYTES), ("status.json", 4096)):
                 try:  # out of the tmpfs before it goes; read as untrusted
                     data = read_untrusted(run_dir, name, cap=cap)
@@ -176,6 +177,15 @@ def execute_notebook(notebook: str, out_dir: str, lab: str, seed: int, sandbox, 
     if status is not None:
         return Execution("timeout", seconds, status["detail"], usage)
     return _how_it_ended(out_dir, usage, returncode, seconds)
+
+
+def disk_full(run_dir: str, slack: int = 2**20) -> bool:
+    """Whether the run filled its size-limited run folder (observed from outside)."""
+    try:
+        st = os.statvfs(run_dir)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < slack
 
 
 def _how_it_ended(out_dir: str, usage: dict, returncode, seconds: float) -> Execution:
@@ -207,6 +217,8 @@ def _how_it_ended(out_dir: str, usage: dict, returncode, seconds: float) -> Exec
         if oom:  # the submission used more memory than it may: its own doing
             return Execution("kernel_died", seconds, "killed: out of memory (over the sandbox's "
                              "limit)", usage, "oom")
+        if usage.get("disk_full"):  # so did filling its disk; the records still arrived
+            return Execution("kernel_died", seconds, "the notebook filled its disk space", usage, "disk")
         if forkbomb:
             return Execution("kernel_died", seconds, forkbomb, usage, "pids")
         # No status and no OOM: the executor itself was killed (by the host, or by the

@@ -43,6 +43,54 @@ def run_kv_cache_bytes(fn, case: dict) -> dict:
     return {"bytes": int(fn(config, case["batch"], case["seq_len"], _DTYPES[case["dtype"]]))}
 
 
+# --- max_batch_size(config, gpu_bytes, seq_len, weight_bytes, dtype) ----------------------
+
+_MODELS = {  # real sizes: (n_layer, n_head, d_model, parameters)
+    "OPT-1.3B": (24, 32, 2048, 1.3e9), "OPT-6.7B": (32, 32, 4096, 6.7e9),
+    "OPT-13B": (40, 40, 5120, 13e9), "OPT-30B": (48, 56, 7168, 30e9)}
+_GPUS = {"A100-40GB": 40e9, "A100-80GB": 80e9, "H100-80GB": 80e9, "H200-141GB": 141e9}
+
+
+def inputs_max_batch_size(seed: int) -> list[dict]:
+    g = _gen(seed)
+    names, gpus = sorted(_MODELS), sorted(_GPUS)
+    cases = [dict(model="OPT-13B", gpu="A100-80GB", seq_len=2048, dtype="float16")]
+    for _ in range(4):
+        cases.append(dict(model=names[int(torch.randint(len(names), (1,), generator=g))],
+                          gpu=gpus[int(torch.randint(len(gpus), (1,), generator=g))],
+                          seq_len=int(torch.randint(256, 8193, (1,), generator=g)),
+                          dtype=("float16", "bfloat16", "float32")[int(torch.randint(3, (1,), generator=g))]))
+    cases.append(dict(model="OPT-30B", gpu="A100-40GB", seq_len=2048, dtype="float32"))  # weights alone overflow
+    for c in cases:
+        L, H, D, n = _MODELS[c["model"]]
+        c.update(n_layer=L, n_head=H, d_model=D,
+                 weight_bytes=int(n) * _DTYPES[c["dtype"]].itemsize, gpu_bytes=int(_GPUS[c["gpu"]]))
+    return cases
+
+
+def run_max_batch_size(fn, case: dict) -> dict:
+    config = GPTConfig(vocab_size=50272, max_position_embeddings=8192, n_layer=case["n_layer"],
+                       n_head=case["n_head"], d_model=case["d_model"], d_ff=4 * case["d_model"])
+    return {"batch": int(fn(config, case["gpu_bytes"], case["seq_len"], case["weight_bytes"],
+                            _DTYPES[case["dtype"]]))}
+
+
+# --- reservation_waste(lengths, max_len) ---------------------------------------------------
+
+def inputs_reservation_waste(seed: int) -> list[dict]:
+    g = _gen(seed)
+    cases = [dict(lengths=[2048] * 4, max_len=2048), dict(lengths=[1, 2, 3], max_len=8)]
+    for n in (5, 100, 1000):  # a realistic spread: most requests far shorter than the maximum
+        max_len = int(torch.randint(512, 4097, (1,), generator=g))
+        lengths = (torch.rand(n, generator=g) ** 3 * max_len).long().clamp(1, max_len)
+        cases.append(dict(lengths=lengths.tolist(), max_len=max_len))
+    return cases
+
+
+def run_reservation_waste(fn, case: dict) -> dict:
+    return {"waste": float(fn(list(case["lengths"]), case["max_len"]))}
+
+
 # --- KVCache(n_layer, batch, n_head, max_seq_len, head_dim, dtype, device) ---------------
 
 def inputs_KVCache(seed: int) -> list[dict]:

@@ -31,7 +31,7 @@ from autograder.release import sample_submission
 LAB = "lab01_kv_cache"
 TIMEOUT = float(os.environ.get("AUTOGRADER_TEST_TIMEOUT", "120"))
 RELEASE = os.path.join(course.REPO, "labs", LAB, f"{LAB}.ipynb")
-FULL = 12.0
+FULL = 15.0
 CARROT = "SECRET-CARROT-7f3a"  # planted in files the sandbox must hide
 SECRET = "attack-suite-secret-5b1d9e"  # fixed: each student's check inputs are the same every run
 
@@ -246,8 +246,8 @@ from safetensors.torch import save
 from autograder.record import frame
 def generate(model, input_ids, max_new_tokens, use_cache=True, eos_id=None):
     return torch.zeros(4_000_000, dtype=torch.int64)
-big = save({"bytes": torch.arange(4_000_000, dtype=torch.float64)})
-head = json.dumps({"bytes": {"dtype": "F64", "shape": [10**12], "data_offsets": [0, 8]}}).encode()
+big = save({"bytes": torch.arange(4_000_000, dtype=torch.int64)})
+head = json.dumps({"bytes": {"dtype": "I64", "shape": [10**12], "data_offsets": [0, 8]}}).encode()
 liar = struct.pack("<Q", len(head)) + head + b"\0" * 8
 with open(os.environ["AUTOGRADER_RECORDS"], "wb", buffering=0) as f:
     for case in range(3):
@@ -731,9 +731,10 @@ def _tree_bytes(path):
 def test_a_disk_filler_leaves_nothing_behind(graded):
     r = graded["results"]["t_disk"]
     shown = texts(r)
-    assert "stopped at" in shown and r.status == "graded" and r.score == FULL, r.message
-    written = int(re.search(r"wrote (\d+) MB", shown).group(1))
-    assert written < 1024  # the run folder and /tmp are size-limited
+    assert r.status == "graded" and r.score == FULL, r.message  # every check was recorded
+    assert "filled its disk space" in r.message
+    if "wrote" in shown:  # the executed notebook may be lost: its disk was full
+        assert "stopped at" in shown and int(re.search(r"wrote (\d+) MB", shown).group(1)) < 1024
     assert not os.path.exists(os.path.join(r.out_dir, "run"))
     assert _tree_bytes(graded["workdir"] / "results" / "t_disk") < 300 * 2**20
     assert os.path.getsize(os.path.join(r.out_dir, "executor.log")) < 2 * 2**20

@@ -1,5 +1,5 @@
 """lab01's hidden checks, tested both ways: the reference passes; stubs and the mistakes of
-MUTANTS.md fail, each with a message that points at the mistake."""
+course/mistakes.md fail, each with a message that points at the mistake."""
 import math
 
 import pytest
@@ -20,6 +20,8 @@ def grade(name, fn, seed=1):
 
 
 @pytest.mark.parametrize("name,fn", [("kv_cache_bytes", ref.kv_cache_bytes), ("KVCache", ref.KVCache),
+                                     ("max_batch_size", ref.max_batch_size),
+                                     ("reservation_waste", ref.reservation_waste),
                                      ("cached_attention", ref.cached_attention), ("generate", ref.generate)])
 @pytest.mark.parametrize("seed", [0, 12345])
 def test_reference_passes(name, fn, seed):
@@ -27,7 +29,8 @@ def test_reference_passes(name, fn, seed):
     assert result.ok, result.summary()
 
 
-@pytest.mark.parametrize("name", ["kv_cache_bytes", "KVCache", "cached_attention", "generate"])
+@pytest.mark.parametrize("name", ["kv_cache_bytes", "KVCache", "cached_attention", "generate",
+                                  "max_batch_size", "reservation_waste"])
 def test_stub_fails(name):
     result = grade(name, stub)
     assert result.passed == 0 and "NotImplementedError" in result.messages[0]
@@ -183,12 +186,12 @@ def test_broken_generate_fails(fn, hint):
     assert any(hint in m for m in result.messages), result.summary()
 
 
-def test_token_by_token_prefill_is_not_a_correctness_failure_but_is_named():
-    """MUTANTS.md: a token-by-token prompt phase is right but slow; the check names the call
-    pattern (the lab's timing question is about it)."""
+def test_token_by_token_prefill_is_graded_as_correct_output():
+    """course/mistakes.md: a token-by-token prompt phase is slow, not wrong (the lab's timing
+    question is about it); re-running the whole sequence with a cache passed is wrong."""
     def token_by_token(model, input_ids, max_new_tokens, use_cache=True, eos_id=None):
-        if not use_cache:
-            return ref.generate(model, input_ids, max_new_tokens, False, eos_id)
+        if not use_cache or eos_id is not None:
+            return ref.generate(model, input_ids, max_new_tokens, use_cache, eos_id)
         B, T = input_ids.shape
         cache = ref.KVCache.for_model(model.config, B, T + max_new_tokens)
         ids = input_ids
@@ -199,9 +202,9 @@ def test_token_by_token_prefill_is_not_a_correctness_failure_but_is_named():
                 nxt = logits[:, -1].argmax(-1, keepdim=True)
                 ids = torch.cat([ids, nxt], 1)
                 logits = model(nxt, kv_cache=cache)
-        return ids if eos_id is None else ref.generate(model, input_ids, max_new_tokens, True, eos_id)
+        return ids
     result = grade("generate", token_by_token)
-    assert not result.ok and any("one prompt-phase call" in m for m in result.messages)
+    assert result.ok, result.summary()
 
 
 # --- the form of a record is checked before anything is computed --------------------------
@@ -214,3 +217,24 @@ def test_outputs_of_the_wrong_form_fail_before_verification():
     assert huge.passed == 0 and "ids: shape (4000000,)" in huge.messages[0]
     wrong_kind = grade("cached_attention", lambda q, k, v: ref.cached_attention(q, k, v) > 0)
     assert wrong_kind.passed == 0 and "expected a float tensor" in wrong_kind.messages[0]
+
+
+
+# --- capacity -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fn,hint", [
+    (lambda c, gpu, t, w, dt: gpu // ref.kv_cache_bytes(c, 1, t, dt), "weights take memory too"),
+    (lambda c, gpu, t, w, dt: max(0, gpu - w) // (ref.kv_cache_bytes(c, 1, t, dt) // 2), "keys AND values"),
+    (lambda c, gpu, t, w, dt: ref.max_batch_size(c, gpu, t, w, dt) + 1, "off by one"),
+    (lambda c, gpu, t, w, dt: (gpu - w) // ref.kv_cache_bytes(c, 1, t, dt), "weights alone do not fit"),
+])
+def test_broken_max_batch_size_fails(fn, hint):
+    result = grade("max_batch_size", fn)
+    assert not result.ok and any(hint in m for m in result.messages), result.summary()
+
+
+def test_broken_reservation_waste_fails():
+    used = grade("reservation_waste", lambda lengths, m: 1 - ref.reservation_waste(lengths, m))
+    assert used.passed <= 1 and any("fraction USED" in m for m in used.messages), used.summary()
+    nan = grade("reservation_waste", lambda lengths, m: float("nan"))
+    assert nan.passed == 0

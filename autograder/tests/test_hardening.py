@@ -251,14 +251,15 @@ def test_verification_is_deterministic_under_a_thread_pool(tmp_path, source):
     from autograder.verify import record_to_store
 
     fns = {"kv_cache_bytes": ref.kv_cache_bytes, "cached_attention": ref.cached_attention,
-           "KVCache": ref.KVCache, "generate": ref.generate}
+           "KVCache": ref.KVCache, "generate": ref.generate, "max_batch_size": ref.max_batch_size,
+           "reservation_waste": ref.reservation_waste}
     seeds = [11, 12, 13]
     for seed in seeds:
         record_to_store(LAB, fns, seed, str(tmp_path / str(seed)))
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         scores = list(pool.map(lambda s: grade._score(LAB, source, s, str(tmp_path / str(s)), None)[0],
                                seeds * 2))
-    assert scores == [12.0] * len(scores)
+    assert scores == [15.0] * len(scores)
 
 
 def test_course_secret_is_created_once_under_concurrency(tmp_path, monkeypatch):

@@ -47,7 +47,7 @@ def test_malformed_notebooks_are_not_gradable(tmp_path, text, reason):
 def test_grade_cells_name_their_checks(source):
     cells = {c.grade_id: c for c in grade_cells(source)}
     assert cells["check_generate"].checks == ["generate"]
-    assert sum(c.points for c in cells.values()) == 12
+    assert sum(c.points for c in cells.values()) == 15
 
 
 def test_edited_test_cell_is_restored(source, release):

@@ -78,7 +78,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, D, bias=bias)
         self.out_proj = nn.Linear(D, D, bias=bias)
 
-    def forward(self, x, kv_cache=None, past: int = 0):
+    def forward(self, x, kv_cache=None, past: int = 0, attention=None):
         B, T, D = x.shape  # (B, T, D)
         H, d = self.n_head, self.head_dim
         q = self.q_proj(x).view(B, T, H, d).transpose(1, 2)  # (B, H, T, d)
@@ -87,7 +87,9 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, H, past + T, d)
         p = self.dropout if self.training else 0.0
-        if T == 1:  # one new query sees every cached key
+        if attention is not None:  # a caller's attention(q, k, v) for T new queries over S keys
+            y = attention(q, k, v)  # (B, H, T, d)
+        elif T == 1:  # one new query sees every cached key
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         elif past == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
@@ -125,12 +127,12 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, kv_cache=None, past: int = 0):
+    def forward(self, x, kv_cache=None, past: int = 0, attention=None):
         if self.pre_ln:  # x + f(LN(x))
-            x = x + self.dropout(self.attn(self.attn_norm(x), kv_cache, past))
+            x = x + self.dropout(self.attn(self.attn_norm(x), kv_cache, past, attention))
             x = x + self.dropout(self.mlp(self.mlp_norm(x)))
         else:  # LN(x + f(x))
-            x = self.attn_norm(x + self.dropout(self.attn(x, kv_cache, past)))
+            x = self.attn_norm(x + self.dropout(self.attn(x, kv_cache, past, attention)))
             x = self.mlp_norm(x + self.dropout(self.mlp(x)))
         return x  # (B, T, D)
 
@@ -170,7 +172,10 @@ class GPT(nn.Module):
             n -= self.embed_tokens.weight.numel() + self.embed_positions.weight.numel()
         return n
 
-    def forward(self, input_ids: torch.Tensor, kv_cache=None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, kv_cache=None, attention=None) -> torch.Tensor:
+        """Logits (B, T, V). ``kv_cache``: read and extended (``update(layer, k, v)``,
+        ``seq_len``); ``attention(q, k, v)``: replaces the built-in causal attention of T new
+        queries over the S keys (the cached ones and the new), e.g. a lab's own."""
         B, T = input_ids.shape  # (B, T)
         past = 0 if kv_cache is None else int(kv_cache.seq_len)  # read once, before updates
         if past + T > self.config.max_position_embeddings:
@@ -182,7 +187,7 @@ class GPT(nn.Module):
             x = self.project_in(x)  # (B, T, D)
         x = x + self.embed_positions(pos)  # (B, T, D)
         for block in self.layers:
-            x = block(x, kv_cache, past)  # (B, T, D)
+            x = block(x, kv_cache, past, attention)  # (B, T, D)
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         if self.project_out is not None:

@@ -72,6 +72,34 @@ def kv_cache_bytes(config, batch: int, seq_len: int, dtype=torch.float16) -> int
     return 2 * config.n_layer * batch * seq_len * config.n_head * head_dim * itemsize
 
 
+def max_batch_size(config, gpu_bytes: int, seq_len: int, weight_bytes: int,
+                   dtype=torch.float16) -> int:
+    """The most sequences of ``seq_len`` tokens whose KV cache fits beside the weights.
+
+    ⌊(gpu_bytes − weight_bytes) / kv_cache_bytes(config, 1, seq_len)⌋, 0 when even the weights
+    do not fit. OPT-13B in fp16 (26 GB of weights) on an 80 GB card at 2,048 tokens: 32.
+    """
+    free = gpu_bytes - weight_bytes
+    if free <= 0:
+        return 0
+    return free // kv_cache_bytes(config, 1, seq_len, dtype)
+
+
+def reservation_waste(lengths, max_len: int) -> float:
+    """Fraction of a max-length reservation that holds no token.
+
+    A contiguous cache reserves ``max_len`` positions for every request; request i fills
+    ``lengths[i]`` of them: waste = 1 − Σ lengths / (n · max_len). (PagedAttention, lab 02,
+    reserves blocks only as tokens arrive.)
+    """
+    lengths = torch.as_tensor(lengths, dtype=torch.float64)
+    if lengths.numel() == 0:
+        raise ValueError("no requests")
+    if bool((lengths > max_len).any()) or bool((lengths < 0).any()):
+        raise ValueError(f"every length must lie in 0..max_len={max_len}")
+    return float(1.0 - lengths.sum() / (lengths.numel() * max_len))
+
+
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The lecture's attention for T new queries over S ≥ T cached keys and values.
 
