@@ -301,7 +301,6 @@ def grade_folder(lab: str, folder: str, out_csv: str, *, jobs: int = 1,
     ``sandboxed=False`` runs the notebooks with the grader's own rights: for trusted
     notebooks only. When the sandbox cannot run here, ``SandboxUnavailable`` says why.
     """
-    from tqdm.auto import tqdm
 
     course.source_notebook(lab)  # fail early on an unknown lab
     workdir = os.path.abspath(workdir)

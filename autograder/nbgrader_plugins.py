@@ -9,7 +9,6 @@ which nbgrader's ``SaveAutoGrades`` turns into that cell's (partial) score.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 

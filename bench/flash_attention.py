@@ -129,7 +129,7 @@ def main():
     args = ap.parse_args()
     meta = {"tokens_per_batch": TOKENS, "heads": H, "dtype": "bfloat16",
             "flops": "fwd 4·B·H·N²·d, fwd+bwd 3.5× that, halved when causal",
-            "default_configs": {f"d{d}": {"fwd": _fwd_config(d, True), "bwd": _bwd_config(d, True)}
+            "default_configs": {f"d{d}": {"fwd": _fwd_config(d), "bwd": _bwd_config(d)}
                                 for d in (64, 128)}}
     print("device:", bench.device_name(), flush=True)
     meta["errors_vs_fp32_math"] = check_against_sdpa()

@@ -3,7 +3,7 @@
 References are computed in float64 from the inputs that ``inputs_X(seed)`` draws again,
 then cast to the case's dtype; tolerances are ``llmopt.testing``'s per dtype, with the
 absolute part scaled by the largest reference value (gradients get twice that). When an
-output is wrong, the message tries the mistakes of MUTANTS.md and names the one that fits.
+output is wrong, the message tries the mistakes of course/mistakes.md and names the one that fits.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import torch
 from llmopt.testing import compare, tolerance
 
 from .. import static
-from ..cases.lab04_flash_attention import _DTYPES
 
 # The sandbox shows these llmopt modules (and what they import); flash_attention stays hidden.
 LLMOPT_VISIBLE = ["bench", "testing", "viz.tiling"]

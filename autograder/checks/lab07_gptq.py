@@ -5,7 +5,7 @@ rarely, round one weight to the neighbouring grid point and then compensate a li
 differently. The checks therefore ask for: every output on its own grid, the grid (scale,
 zero) as the reference fits it, at most ``MAX_MISMATCH`` of the weights on another grid
 point than the reference's, and a layer error within ``ERR_RTOL`` of the reference's.
-The messages name the symptom and, where one fits, the usual mistake (MUTANTS.md).
+The messages name the symptom and, where one fits, the usual mistake (course/mistakes.md).
 """
 from __future__ import annotations
 

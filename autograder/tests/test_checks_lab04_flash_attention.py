@@ -1,6 +1,5 @@
 """lab04's hidden checks, tested both ways: the reference passes; stubs and the mistakes of
-MUTANTS.md (lab04 row) fail, each with a message that points at the mistake."""
-import math
+course/mistakes.md (lab04 row) fail, each with a message that points at the mistake."""
 
 import pytest
 import torch

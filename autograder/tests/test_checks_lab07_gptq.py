@@ -1,5 +1,5 @@
 """The hidden checks of lab07_gptq, both ways: the reference passes, a stub and each broken
-variant of MUTANTS.md (lab07 row) fail with a message that points at the mistake."""
+variant of course/mistakes.md (lab07 row) fail with a message that points at the mistake."""
 import math
 
 import pytest
@@ -30,7 +30,7 @@ class _StubGPTQ:
 # --------------------------------------------------------------------------- mutants
 def _gptq(W, H, bits=4, group_size=-1, block_size=128, percdamp=0.01, act_order=False,
           sym=False, bug=None):
-    """The reference algorithm with one deliberate bug (MUTANTS.md, lab07)."""
+    """The reference algorithm with one deliberate bug (course/mistakes.md, lab07)."""
     dtype = W.dtype
     W = W.double().clone()
     W0 = W.clone()

@@ -1,6 +1,6 @@
 """llmopt: reference implementations for the LLM Optimization Labs.
 
-One module per method (see ARCHITECTURE.md §2). Importing the package on a machine
+One module per method (see CONTRIBUTING.md, "Where things go"). Importing the package on a machine
 without CUDA sets ``TRITON_INTERPRET=1`` before any Triton kernel is defined, so every
 kernel in the course (and every kernel a student writes in a notebook cell after
 ``import llmopt``) runs, slowly, on the CPU through Triton's interpreter.

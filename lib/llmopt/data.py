@@ -1,4 +1,4 @@
-"""The course corpus, its tokenizer, batches and perplexity (ARCHITECTURE.md §3).
+"""The course corpus, its tokenizer, batches and perplexity (README.md: the course model and data).
 
 Every lab needs text to measure a model on (GPTQ's perplexity table, Wanda's calibration
 inputs, QLoRA's before/after) and no lab may download anything. So the corpus is English

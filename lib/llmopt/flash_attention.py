@@ -146,8 +146,8 @@ def flash_attention_torch(q, k, v, causal=False, block_q=64, block_k=64):
 # Triton kernels
 # --------------------------------------------------------------------------------------
 
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
+# log2(e) = 1.4426950408889634 and ln 2 = 0.6931471805599453 appear as literals in the kernels:
+# Triton kernels read no plain Python globals.
 
 
 def _interpreting() -> bool:
@@ -398,17 +398,17 @@ def _launch_params(q):
     return triton.next_power_of_2(d), upcast, precision
 
 
-def _fwd_config(d, causal):
+def _fwd_config(d):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages): large blocks in the interpreter (its
     time grows with programs × loop steps), tuned on an H100/H200 otherwise."""
     if _interpreting():
         return 64, 64, 4, 1
     if d <= 64:
-        return 128, 64, 8, 4   # H200, N=4k causal: 323 TFLOP/s (bench/NOTES_flash_attention.md)
+        return 128, 64, 8, 4   # H200, N=4k causal: 323 TFLOP/s (bench/README.md)
     return 64, 64, 4, 3        # H200, N=4k causal: 420 TFLOP/s
 
 
-def _bwd_config(d, causal):
+def _bwd_config(d):
     """((BLOCK_M, BLOCK_N, warps, stages) of the dK/dV kernel, the same of the dQ kernel).
     dK/dV keeps a tall K/V block and streams short Q blocks; dQ the other way round."""
     if _interpreting():
@@ -434,7 +434,7 @@ def flash_attention_fwd(q, k, v, causal=False, scale=None, config=None):
     N_K = k.shape[2]
     scale = d ** -0.5 if scale is None else scale
     BLOCK_D, upcast, precision = _launch_params(q)
-    bm, bn, nw, ns = config or _fwd_config(d, causal)  # config: (BLOCK_M, BLOCK_N, warps, stages)
+    bm, bn, nw, ns = config or _fwd_config(d)  # config: (BLOCK_M, BLOCK_N, warps, stages)
     o = torch.empty_like(q)
     lse = torch.empty(B, H, N_Q, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(N_Q, bm), B * H)
@@ -458,7 +458,7 @@ def flash_attention_bwd(q, k, v, o, lse, do, causal=False, scale=None, config=No
     N_K = k.shape[2]
     scale = d ** -0.5 if scale is None else scale
     BLOCK_D, upcast, precision = _launch_params(q)
-    (bm1, bn1, nw1, ns1), (bm2, bn2, nw2, ns2) = config or _bwd_config(d, causal)
+    (bm1, bn1, nw1, ns1), (bm2, bn2, nw2, ns2) = config or _bwd_config(d)
     delta = torch.empty(B, H, N_Q, device=q.device, dtype=torch.float32)
     pre_m = 64 if _interpreting() else 128
     _flash_bwd_preprocess_kernel[(triton.cdiv(N_Q, pre_m), B * H)](

@@ -78,10 +78,6 @@ def quantize(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
     return scale * (q - zero)
 
 
-def _n_groups(cols: int, group_size: int) -> int:
-    return 1 if group_size is None or group_size <= 0 else math.ceil(cols / group_size)
-
-
 def _work_dtype(W: torch.Tensor) -> torch.dtype:
     return torch.float64 if W.dtype == torch.float64 else torch.float32
 
@@ -340,10 +336,6 @@ def _capture_first_layer_inputs(model, layers, calib, batch_size):
 
 def _is_hf(model) -> bool:
     return hasattr(model, "config") and hasattr(model.config, "model_type")
-
-
-def _hidden(args, kwargs):
-    return args[0] if args else kwargs["hidden_states"]
 
 
 def _with_hidden(args, kwargs, h):

@@ -206,9 +206,17 @@ def test_quantize_model_on_tiny_opt_gpt():
     model, _ = load_model("tiny-opt")
     ids = torch.randint(0, 100, (1, 16))
     before = model(ids)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
     calib = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
     out = quantize_model(model, "gptq", calib, bits=4, group_size=-1)
     after = out(ids)
     logits = after.logits if hasattr(after, "logits") else after
-    assert logits.shape == (before.logits if hasattr(before, "logits") else before).shape
-    assert torch.isfinite(logits).all()
+    assert logits.shape == before.shape and torch.isfinite(logits).all()
+    changed = [n for n, p in out.named_parameters() if not torch.equal(p, original[n])]
+    n_linear = 6 * model.config.n_layer  # q, k, v, out, fc1, fc2 per layer
+    assert len(changed) == n_linear, f"{len(changed)} tensors quantized, expected {n_linear}"
+    for name in changed:  # 4 bits per output row: at most 16 distinct values in every row
+        W = dict(out.named_parameters())[name]
+        assert max(len(torch.unique(row)) for row in W) <= 16, name
+    assert not torch.allclose(logits, before)  # quantization changed the outputs ...
+    assert (logits - before).abs().mean() < before.abs().mean()  # ... but not beyond recognition
