@@ -35,6 +35,7 @@ from .record import MAX_CASE_BYTES, record_check
 from .records import FrameParser, RecordStore, read_index
 from .runner import read_untrusted
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GENERIC_FACTOR = 16
 VERIFY_MEMORY_BYTES = 4 * 2**30  # address space of the verifying process
 VERIFY_SECONDS = 600
@@ -212,7 +213,11 @@ def verify_in_subprocess(lab: str, names: list[str], seed: int, store: str,
 
     Returns the results and the process's accounting (peak RSS in bytes, seconds).
     """
-    argv = [sys.executable, "-m", "autograder.verify", lab, str(seed), store, json.dumps(names)]
+    # -I: nothing from the current folder or the environment's PYTHONPATH (a root helper may
+    # run in a folder the caller controls); the course's own paths, explicitly
+    boot = (f"import sys; sys.path[:0] = [{REPO!r}, {os.path.join(REPO, 'lib')!r}]; "
+            "from autograder.verify import main; sys.exit(main(sys.argv[1:]))")
+    argv = [sys.executable, "-I", "-c", boot, lab, str(seed), store, json.dumps(names)]
     if notebook:
         argv += ["--notebook", notebook]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))

@@ -5,17 +5,24 @@
 #                       instructor, student1, student2 (password: $(HUB_PASSWORD))
 #   make browser-deps   Debian's chromium, playwright (pip, into .venv), the hub's venv,
 #                       proxy, demo users and exchange (course/hub/setup.sh --users)
-#   make test-browser   the browser tests (tests/browser/), screenshots in .artifacts/browser/
+#   make hub-publish    after editing course/hub/published.txt: rebuild what students may
+#                       import (setup.sh without --users; prints what stays hidden)
+#   make test-browser   the browser tests (tests/browser/, with test_hub_attacks.py),
+#                       screenshots in .artifacts/browser/
 HUB_PREFIX ?= /opt/llmopt-hub
 HUB_PORT ?= 8000
 HUB_PASSWORD ?= llmopt-demo
 PLAYWRIGHT_VERSION ?= 1.65.2
 
-.PHONY: hub hub-setup browser-deps test-browser
+.PHONY: hub hub-setup hub-publish browser-deps test-browser
 
 hub-setup:
 	@test "$$(id -u)" = 0 || { echo "make hub needs root (it creates Unix users and spawns servers as them)" >&2; exit 1; }
 	LLMOPT_HUB_PREFIX=$(HUB_PREFIX) bash course/hub/setup.sh --users
+
+hub-publish:
+	@test "$$(id -u)" = 0 || { echo "make hub-publish needs root (it writes $(HUB_PREFIX))" >&2; exit 1; }
+	LLMOPT_HUB_PREFIX=$(HUB_PREFIX) bash course/hub/setup.sh
 
 hub: hub-setup
 	@echo "JupyterHub on http://127.0.0.1:$(HUB_PORT)/  users: instructor, student1, student2  password: $(HUB_PASSWORD)"

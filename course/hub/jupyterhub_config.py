@@ -8,6 +8,9 @@ Who is who
     (fetch, submit, fetch feedback) and nothing of the formgrader.  The role is chosen when a
     server starts: its ``JUPYTER_CONFIG_PATH`` is ``<prefix>/etc/instructor`` or
     ``<prefix>/etc/student`` (copied from ``course/hub/config/`` by the setup).
+  * Python: the hub's venv holds no course package; ``PYTHONPATH`` gives students
+    ``<prefix>/student/lib`` (llmopt's support modules and the published labs' references,
+    ``check()``: course/hub/student_lib.py, published.txt) and instructors their course root.
   * Every user is a Unix account with a home of mode 700; ``LocalProcessSpawner`` starts each
     user's own ``jupyterhub-singleuser`` as that user, so nbgrader sees the real student name
     and nobody reads anybody else's home.
@@ -21,10 +24,13 @@ Everything listens on 127.0.0.1.  Settings come from the environment (defaults i
   LLMOPT_HUB_PORT [8000]            the public port (the proxy); the hub's own API is +1 and
                                     the proxy's API +2 unless LLMOPT_HUB_API_PORT /
                                     LLMOPT_HUB_PROXY_API_PORT say otherwise
-  LLMOPT_HUB_PREFIX [/opt/llmopt-hub]   the hub's venv and role configs (setup.sh)
+  LLMOPT_HUB_PREFIX [/opt/llmopt-hub]   the hub's venv (no course package in it), role
+                                    configs, students' library (student/lib: students'
+                                    PYTHONPATH) and the grader's course copy (setup.sh)
   LLMOPT_HUB_STATE [<repo>/.hub]    hub database, cookie secret, pid files
   LLMOPT_HUB_PROXY [<repo>/.hub/npm/node_modules/.bin/configurable-http-proxy]
-  LLMOPT_HUB_EXCHANGE [/srv/nbgrader/exchange]   nbgrader's exchange (mode 777)
+  LLMOPT_HUB_EXCHANGE [/srv/nbgrader/exchange]   nbgrader's exchange (mode 1777, made by
+                                    course/hub/make-exchange.sh)
   LLMOPT_HUB_INSTRUCTORS [instructor], LLMOPT_HUB_STUDENTS [student1,student2]
   LLMOPT_HUB_PASSWORD [llmopt-demo] the shared demo password (8 characters or more)
   LLMOPT_COURSE_ROOT [<the instructor's root folder>/llm-optimization-labs]  the course root
@@ -43,12 +49,14 @@ env = os.environ.get
 
 PREFIX = env("LLMOPT_HUB_PREFIX", "/opt/llmopt-hub")
 VENV = os.path.join(PREFIX, "venv")
+STUDENT_LIB = os.path.join(PREFIX, "student", "lib")  # what students may import (setup.sh)
 STATE = env("LLMOPT_HUB_STATE", os.path.join(REPO, ".hub"))
 PORT = int(env("LLMOPT_HUB_PORT", "8000"))
 EXCHANGE = env("LLMOPT_HUB_EXCHANGE", "/srv/nbgrader/exchange")
 INSTRUCTORS = [u for u in env("LLMOPT_HUB_INSTRUCTORS", "instructor").split(",") if u]
 STUDENTS = [u for u in env("LLMOPT_HUB_STUDENTS", "student1,student2").split(",") if u]
 os.makedirs(STATE, exist_ok=True)
+os.chmod(STATE, 0o700)  # the hub's database (OAuth clients of users' servers) and secrets: root's
 
 c = get_config()  # noqa: F821
 
@@ -110,9 +118,18 @@ def pre_spawn_hook(spawner):
     # nbgrader resolves its assignment folder (fetch, submit, feedback) against the server
     # process's working folder, which is the home: name the server's root folder instead.
     extra["LLMOPT_NOTEBOOK_ROOT"] = root
+    # The hub's venv holds no course package (its reference modules would be everyone's):
+    # each role gets its own llmopt on PYTHONPATH (servers, kernels and terminals inherit it).
     if role == "instructor":
-        # The formgrader needs the course root inside the server's root folder.
-        extra["LLMOPT_COURSE_ROOT"] = env("LLMOPT_COURSE_ROOT") or os.path.join(root, "llm-optimization-labs")
+        # The formgrader needs the course root inside the server's root folder; the
+        # instructor's kernels use that copy of the course (references, checks and all).
+        course_root = env("LLMOPT_COURSE_ROOT") or os.path.join(root, "llm-optimization-labs")
+        extra["LLMOPT_COURSE_ROOT"] = course_root
+        extra["PYTHONPATH"] = os.pathsep.join([os.path.join(course_root, "lib"), course_root])
+    else:
+        # Students: the support modules and the published labs' references only, and the
+        # in-kernel half of the autograder (course/hub/student_lib.py, built by setup.sh).
+        extra["PYTHONPATH"] = STUDENT_LIB
     spawner.environment = {**spawner.environment, **extra}
 
 

@@ -264,6 +264,9 @@ def hub():
     os.makedirs(exchange)
     os.chmod(users, 0o755)
     os.chmod(exchange, 0o777)
+    # As the hub's setup makes it: sticky (1777), the course's folders the instructor's.
+    subprocess.run(["bash", os.path.join(REPO, "course", "hub", "make-exchange.sh"), exchange,
+                    "instructor"], check=True)
     # Fresh per-user folders: the instructor's holds a copy of the course (the formgrader wants
     # the course root inside the server's root folder); everyone gets the test settings.
     for user in ("instructor", "student1"):

@@ -29,7 +29,9 @@ class SandboxedApplyVerdicts(ApplyVerdicts):
         if os.geteuid() == 0 or (student, lab) in PRECOMPUTED or not self.sandboxed:
             return super().preprocess(nb, resources)
         path = os.path.join(resources["metadata"]["path"], f"{resources['nbgrader']['notebook']}.ipynb")
-        proc = subprocess.run(["sudo", "-n", HELPER, lab, student, path, self.workdir],
+        # Real paths: the helper refuses a grading folder reached through a symlink.
+        proc = subprocess.run(["sudo", "-n", HELPER, lab, student, os.path.realpath(path),
+                               os.path.realpath(self.workdir)],
                               capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if proc.returncode != 0:
             raise RuntimeError(f"the sandboxed grader failed for {student}/{lab} (exit "

@@ -29,6 +29,9 @@ if here not in sys.path:
 c.Autograde.autograde_preprocessors = [
     "hub_grading.SandboxedApplyVerdicts" if p == "autograder.nbgrader_plugins.ApplyVerdicts" else p
     for p in c.Autograde.autograde_preprocessors]
+# Collect refuses inbound entries that are symlinks or belong to someone other than the
+# student they name, and copies no symlink of a submission: see hub_collect.py.
+c.ExchangeFactory.collect = "hub_collect.SafeExchangeCollect"
 c.Exchange.root = os.environ.get("LLMOPT_HUB_EXCHANGE", "/srv/nbgrader/exchange")
 # Fetched assignments and feedback go into the server's root folder (the hub says which).
 c.Exchange.assignment_dir = os.environ.get("LLMOPT_NOTEBOOK_ROOT", ".")
