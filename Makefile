@@ -64,6 +64,7 @@ bench: install
 	$(PY) bench/flash_attention.py
 	$(PY) bench/gptq.py
 	$(PY) bench/zero.py
+	$(PY) bench/int8_nf4.py --ppl
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
