@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "lib"))
 
-from llmopt.parallel import launch  # noqa: E402
+from llmopt.launch import launch  # noqa: E402
 
 CONFIGS = {  # OPT's shapes (vocab 50272, learned positions)
     "tiny": dict(vocab=512, d=64, layers=2, heads=4, ffn=256, batch=4, seq=32),
@@ -168,7 +168,7 @@ def speed(rank, world_size, name, modes, steps=5):
 
 def _state_bytes(model, opt, mode) -> dict:
     """Model-state bytes on this rank: measured_state_bytes, or the DTensor shards of FSDP2."""
-    from llmopt.parallel import measured_state_bytes
+    from llmopt.viz.zero import measured_state_bytes
     if mode != "fully_shard":
         return measured_state_bytes(opt, model)
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731

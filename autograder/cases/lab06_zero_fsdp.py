@@ -1,8 +1,10 @@
 """Hidden-check cases of lab06_zero_fsdp (run in the student's kernel; no answers here).
 
 Distributed checks run the student's function on real processes through
-``llmopt.parallel.launch`` (a library utility, not the module under study): gloo, 2 and 4
-ranks, a few steps of a small MLP whose layer sizes do not divide by the world size.
+``llmopt.launch.launch`` (support code, not the module under study): gloo, 2 and 4 ranks, a
+few steps of a small MLP whose layer sizes do not divide by the world size. Nothing measured
+here is trusted: memory is judged by the sandbox's memory limit (a rank over it is killed),
+correctness by the trusted side's own reference on its own copy of the inputs.
 """
 from __future__ import annotations
 
@@ -11,12 +13,13 @@ import math
 import torch
 import torch.nn as nn
 
-from llmopt.parallel import launch, measured_state_bytes
+from llmopt.launch import RankError, launch
 
 LAUNCH_TIMEOUT_S = 90
+MEMORY_LAUNCH_TIMEOUT_S = 270   # the memory cases move gigabytes between 4–8 processes on 2 cores
 SGD = dict(lr=0.1, momentum=0.9)
 ADAM = dict(lr=1e-2)
-ADAM_STEPS = 2          # the memory run: Adam's state exists after the first step
+ADAM_STEPS = 2          # Adam steps of the training cases
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -116,15 +119,54 @@ def _dp_rank(rank, world_size, fn, case):
 
 
 def run_average_gradients(fn, case: dict) -> dict:
-    out = launch(_dp_rank, case["world_size"], fn, case, timeout=LAUNCH_TIMEOUT_S)
+    out = launch(_dp_rank, case["world_size"], fn, case, timeout=LAUNCH_TIMEOUT_S, backend="gloo")
     spread = max((o - out[0]).abs().max().item() for o in out)
     return {"params": out[0], "rank_spread": torch.tensor(spread, dtype=torch.float64)}
 
 
-# --- shard_model(model, stage, optimizer_cls, **opt_kwargs) + gather_full_params(model) --
+# --- zero_stage1 / zero_stage2 / zero_stage3: shard_model + gather_full_params ------------
+#
+# Each check is (shard_model, gather_full_params) and has two cases:
+#   0. training: the stage(s) on 2 and on 4 ranks, SGD with momentum and Adam, from small MLPs
+#      whose layer sizes do not divide by the world size; the trusted side compares the
+#      gathered parameters with one process training on the whole batch.
+#   1. memory: one Adam step of a wide MLP on `world_size` ranks, then a forward pass of a
+#      probe batch (the evidence that the step was taken). The sizes are fixed so that the
+#      stage's model state fits in the grading sandbox's memory limit and the next weaker
+#      stage's does NOT — even with nothing else in memory, and even without an fp32 master
+#      copy. The limit is the operating system's (a cgroup), not a measurement made here: a
+#      rank that goes over is killed, and the case fails.
 
-def inputs_shard_model(seed: int) -> list[dict]:
-    return _dist_cases(seed)
+ZERO_STAGES = {"zero_stage1": (0, 1), "zero_stage2": (2,), "zero_stage3": (3,)}
+MEMORY_STAGE = {"zero_stage1": 1, "zero_stage2": 2, "zero_stage3": 3}
+# (world_size, width, depth) of the memory case of each stage; depth Linear(width, width)
+# layers. Sized (and re-checked by the tests) in autograder/checks/lab06_zero_fsdp.py.
+MEMORY_SIZES = {1: (4, 2048, 25), 2: (8, 2048, 22), 3: (4, 2048, 56)}
+MEMORY_BLOCK = 64          # the weights are zero but for a random BLOCK×BLOCK corner
+MEMORY_ADAM = dict(lr=1e-4, eps=1e-3)   # a large eps: the step is smooth in the gradient
+MEMORY_BATCH_PER_RANK = 1
+MEMORY_PROBE_ROWS = 2
+
+
+def inputs_zero_stage(name: str, seed: int) -> list[dict]:
+    training = [dict(c, kind="training", stages=ZERO_STAGES[name]) for c in _dist_cases(seed)]
+    ws, width, depth = MEMORY_SIZES[MEMORY_STAGE[name]]
+    g = _gen(seed + 17)
+    memory = dict(kind="memory", stage=MEMORY_STAGE[name], world_size=ws, width=width,
+                  depth=depth, seed=int(torch.randint(0, 10_000, (1,), generator=g)))
+    return [dict(kind="training", stages=ZERO_STAGES[name], runs=training), memory]
+
+
+def inputs_zero_stage1(seed: int) -> list[dict]:
+    return inputs_zero_stage("zero_stage1", seed)
+
+
+def inputs_zero_stage2(seed: int) -> list[dict]:
+    return inputs_zero_stage("zero_stage2", seed)
+
+
+def inputs_zero_stage3(seed: int) -> list[dict]:
+    return inputs_zero_stage("zero_stage3", seed)
 
 
 def _zero_rank(rank, world_size, fns, case):
@@ -132,36 +174,117 @@ def _zero_rank(rank, world_size, fns, case):
     x, y = local_batch(case, rank)
     out = {}
     for opt_name, opt_cls, kw in (("sgd", torch.optim.SGD, SGD), ("adam", torch.optim.Adam, ADAM)):
-        for stage in range(4):
+        for stage in case["stages"]:
             model, opt = shard_model(build_mlp(case), stage, opt_cls, **kw)
             steps = case["steps"] if opt_name == "sgd" else ADAM_STEPS
-            for i in range(steps):
+            for _ in range(steps):
                 loss = nn.functional.mse_loss(model(x), y)
                 loss.backward()
                 del loss
-                if i == steps - 1:             # after backward, before the step
-                    mem = measured_state_bytes(opt, model)
                 opt.step()
                 opt.zero_grad()
             out[f"{opt_name}{stage}_params"] = flat_params(gather_full_params(model))
-            out[f"{opt_name}{stage}_mem"] = torch.tensor(
-                [mem["params"], mem["grads"], mem["optimizer"]], dtype=torch.float64)
             del model, opt
     return out
 
 
-def run_shard_model(fn, case: dict) -> dict:
-    """``fn`` is the pair ``(shard_model, gather_full_params)``."""
-    out = launch(_zero_rank, case["world_size"], tuple(fn), case, timeout=LAUNCH_TIMEOUT_S)
+def _run_training(fn, inp: dict) -> dict:
     result = {}
-    for key in out[0]:
-        if key.endswith("_params"):
+    for case in inp["runs"]:
+        n = case["world_size"]
+        out = launch(_zero_rank, n, tuple(fn), case, timeout=LAUNCH_TIMEOUT_S, backend="gloo")
+        for key in out[0]:
             spread = max((o[key] - out[0][key]).abs().max().item() for o in out)
-            result[key] = out[0][key]
-            result[key.replace("_params", "_spread")] = torch.tensor(spread, dtype=torch.float64)
-        else:
-            result[key] = torch.stack([o[key] for o in out])        # (N, 3) per rank
+            result[f"n{n}_{key}"] = out[0][key]
+            result[f"n{n}_{key.replace('_params', '_spread')}"] = torch.tensor(spread, dtype=torch.float64)
     return result
+
+
+# --- the memory case's model: zero weights cost nothing until written ----------------------
+
+def _lazy_zeros(*shape) -> torch.Tensor:
+    """fp32 zeros on fresh anonymous pages: no memory is used until they are written."""
+    import mmap
+    n = math.prod(shape)
+    buf = mmap.mmap(-1, 4 * n)
+    return torch.frombuffer(buf, dtype=torch.float32, count=n).view(*shape)
+
+
+def memory_layer(case: dict, layer: int):
+    """(weight corner (BLOCK, BLOCK), bias (width,)) of layer ``layer``, deterministic in the seed."""
+    g = _gen(case["seed"] * 1000 + layer)
+    corner = torch.randn(MEMORY_BLOCK, MEMORY_BLOCK, generator=g) / math.sqrt(MEMORY_BLOCK)
+    return corner, 0.5 * torch.randn(case["width"], generator=g)
+
+
+def build_memory_mlp(case: dict) -> nn.Sequential:
+    """``depth`` × (Linear(width, width), Tanh); each weight zero but for its random corner."""
+    w, layers = case["width"], []
+    for i in range(case["depth"]):
+        lin = nn.Linear(w, w, device="meta")
+        weight = _lazy_zeros(w, w)
+        corner, bias = memory_layer(case, i)
+        weight[:MEMORY_BLOCK, :MEMORY_BLOCK] = corner
+        lin.weight, lin.bias = nn.Parameter(weight), nn.Parameter(bias)
+        layers += [lin, nn.Tanh()]
+    return nn.Sequential(*layers)
+
+
+def memory_batch(case: dict):
+    """(x (world_size·batch, width), probe (PROBE_ROWS, width))."""
+    g = _gen(case["seed"] + 5)
+    n = case["world_size"] * MEMORY_BATCH_PER_RANK
+    return torch.randn(n, case["width"], generator=g), torch.randn(MEMORY_PROBE_ROWS, case["width"], generator=g)
+
+
+def memory_loss(out: torch.Tensor) -> torch.Tensor:
+    """Sum of squares per row, mean over rows: every rank's mean of it is the whole batch's."""
+    return out.square().sum(1).mean()
+
+
+def _memory_rank(rank, world_size, fns, case):
+    shard_model, _ = fns
+    x, probe = memory_batch(case)
+    b = MEMORY_BATCH_PER_RANK
+    model, opt = shard_model(build_memory_mlp(case), case["stage"], torch.optim.Adam, **MEMORY_ADAM)
+    loss = memory_loss(model(x[rank * b:(rank + 1) * b]))
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    with torch.no_grad():
+        out = model(probe)                              # the evidence: the updated model
+    return {"probe": out.detach().clone(), "loss": loss.detach().reshape(())}
+
+
+_OOM_HINTS = {1: "does each rank keep the optimizer state (the fp32 master copy, Adam's two moments) "
+                 "of its own shard only?",
+              2: "are the full gradients of a unit dropped once they are reduce-scattered "
+                 "(in backward, unit by unit)?",
+              3: "are the parameters freed (untyped_storage().resize_(0)) after the all-gather, "
+                 "once the unit's forward and backward are done?"}
+
+
+def _run_memory(fn, case: dict) -> dict:
+    n, s = case["world_size"], case["stage"]
+    try:
+        out = launch(_memory_rank, n, tuple(fn), case, timeout=MEMORY_LAUNCH_TIMEOUT_S, backend="gloo")
+    except RankError as exc:
+        if "killed by SIGKILL" in str(exc):
+            raise MemoryError(
+                f"ran out of memory at stage {s} ({n} ranks, {case['depth']} layers of "
+                f"{case['width']}×{case['width']}): {_OOM_HINTS[s]} ({exc})") from None
+        raise
+    spread = max((o["probe"] - out[0]["probe"]).abs().max().item() for o in out)
+    return {"probe": out[0]["probe"], "loss": out[0]["loss"],
+            "rank_spread": torch.tensor(spread, dtype=torch.float64)}
+
+
+def _run_zero_stage(fn, inp: dict) -> dict:
+    """``fn`` is the pair ``(shard_model, gather_full_params)``."""
+    return _run_memory(fn, inp) if inp["kind"] == "memory" else _run_training(fn, inp)
+
+
+run_zero_stage1 = run_zero_stage2 = run_zero_stage3 = _run_zero_stage
 
 
 def num_params(case: dict) -> int:
@@ -208,7 +331,7 @@ def _bucket_rank(rank, world_size, fn, case):
 
 
 def run_bucketed_all_reduce(fn, case: dict) -> dict:
-    out = launch(_bucket_rank, case["world_size"], fn, case, timeout=LAUNCH_TIMEOUT_S)
+    out = launch(_bucket_rank, case["world_size"], fn, case, timeout=LAUNCH_TIMEOUT_S, backend="gloo")
     return {"out": out[0]["out"], "calls": out[0]["calls"],
             "rank_spread": torch.tensor(max((o["out"] - out[0]["out"]).abs().max().item() for o in out),
                                         dtype=torch.float64)}

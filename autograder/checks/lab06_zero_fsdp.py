@@ -1,9 +1,31 @@
 """How the hidden checks of lab06_zero_fsdp are judged (trusted side; never in the kernel).
 
-References are single-process trainings on the whole batch (what data parallelism and
-every ZeRO stage must reproduce) and ``llmopt.zero.model_state_bytes``; measured bytes per
-rank must be within 5% of the formula (fp32 model: 4-byte params and grads, plus an fp32
-master copy in the optimizer: K = 8 for SGD with momentum, 12 for Adam).
+Trust: everything in the student's kernel is the student's — any module can be patched, any
+object hidden from a probe — so no grade here rests on a value measured in the kernel.
+
+- Correctness: references are single-process trainings on the whole batch, computed here
+  from this side's own copy of the inputs (what data parallelism and every ZeRO stage must
+  reproduce), and ``llmopt.zero.model_state_bytes``.
+- Memory (the point of ZeRO) is enforced by the operating system: the grading sandbox runs
+  the whole notebook — the kernel and every rank it launches — in one memory cgroup of
+  ``SANDBOX_MEMORY_BYTES``. Each stage's memory case (``MEMORY_SIZES`` in the cases) is sized
+  so that the model state of that stage (the lab's design: params, grads, an fp32 master
+  copy and Adam's two moments, K = 12) fits with room to spare, while the model state of the
+  next weaker stage ALONE — even without a master copy (K = 8) — is bigger than the whole
+  limit: a weaker stage cannot finish, whatever it reports, because the kernel's OOM killer
+  stops it. Memory the kernel allocated before only makes that likelier; nothing can be
+  faked downwards. What the case returns is the model's output on a probe batch after the
+  step, which this side recomputes (``memory_reference``): a run that skipped the work has
+  nothing right to return.
+- What this cannot see: WHERE the memory is. The limit bounds the sandbox's total, so it
+  proves that the state is not replicated across ranks, not that it is spread over them (a
+  kernel patched to compute the answer in one process, with one copy of the state, fits;
+  so does, at stage 1 only, a data parallelism without master copy that steps inside
+  backward: params + Adam's moments, 12Ψ per rank).
+- bucketed_all_reduce: its values (the mean over ranks) are judged here; that the notebook's
+  code calls dist.all_reduce is read from its source (``METHOD``, static.py); how many calls
+  of which sizes is a claim of an in-kernel spy, checked for consistency only (and a spy
+  that saw no call fails the case).
 """
 from __future__ import annotations
 
@@ -15,11 +37,75 @@ import torch.nn as nn
 from llmopt.testing import compare
 from llmopt.zero import model_state_bytes
 
+from .. import static
 from ..cases.lab06_zero_fsdp import (ADAM, ADAM_STEPS, SGD, build_mlp, flat_params, make_batch,
                                      num_params)
 
 PARAM_ATOL = 1e-6
-MEM_RTOL = 0.05
+
+# The llmopt modules the lab's notebook imports (the sandbox shows these and what they
+# import; zero and parallel — the lesson's answers — stay hidden).
+LLMOPT_VISIBLE = ["launch", "bench", "testing", "viz.zero"]
+
+# The grading sandbox's memory limit for one notebook run (autograder.sandbox.Bubblewrap's
+# memory_bytes): the memory cases are sized against it (see memory_budget).
+SANDBOX_MEMORY_BYTES = 6 * 2**30
+MEMORY_K = 12        # Adam on an fp32 master copy (the lab's design): 4 + 4 + 4 bytes per parameter
+MEMORY_K_LEAN = 8    # Adam's two moments alone: an fp32 model needs no master copy
+
+
+def memory_budget(case: dict) -> dict:
+    """Model-state bytes of the memory case, all ranks together: at the case's stage with
+    the lab's design (what must fit, with the kernel and the ranks' own overhead), and at
+    the next weaker stage without a master copy (the leanest honest form of it: what must
+    not fit, even alone: > SANDBOX_MEMORY_BYTES)."""
+    w, n = case["width"], case["world_size"]
+    psi = case["depth"] * (w * w + w)
+    total = lambda s, k: n * model_state_bytes(psi, s, n, k=k, param_bytes=4, grad_bytes=4)  # noqa: E731
+    return {"num_params": psi, "stage": total(case["stage"], MEMORY_K),
+            "weaker": total(case["stage"] - 1, MEMORY_K_LEAN)}
+
+
+def _training_outputs(case: dict) -> dict:
+    spec = {}
+    for run in case["runs"]:
+        n, psi = run["world_size"], num_params(run)
+        for opt in ("sgd", "adam"):
+            for stage in case["stages"]:
+                spec[f"n{n}_{opt}{stage}_params"] = ("float", (psi,))
+                spec[f"n{n}_{opt}{stage}_spread"] = ("float", ())
+    return spec
+
+
+def _zero_outputs(case: dict) -> dict:
+    from ..cases.lab06_zero_fsdp import MEMORY_PROBE_ROWS
+    if case["kind"] == "memory":
+        return {"probe": ("float", (MEMORY_PROBE_ROWS, case["width"])), "loss": ("float", ()),
+                "rank_spread": ("float", ())}
+    return _training_outputs(case)
+
+
+# How the parts must be computed, read from the notebook's source on this side (static.py):
+# averaging over ranks is a collective — a rank that rebuilt its peers' inputs from the
+# public cases would get the values without one (the in-kernel spy of bucketed_all_reduce
+# is a claim; this is not).
+_ALL_REDUCE = static.calls("torch.distributed.all_reduce",
+                           what="torch.distributed.all_reduce (dist.all_reduce)")
+METHOD = {"average_gradients": [_ALL_REDUCE], "bucketed_all_reduce": [_ALL_REDUCE]}
+
+
+# What each check's record must hold (keys, dtype kind, shape) before anything is computed.
+OUTPUTS = {
+    "model_state_bytes": lambda case: {"bytes": ("float", ())},
+    "shard_flat": lambda case: {"sizes": ("int", (case["world_size"],)), "shards": ("float", (None,))},
+    "average_gradients": lambda case: {"params": ("float", (num_params(case),)),
+                                       "rank_spread": ("float", ())},
+    "zero_stage1": _zero_outputs,
+    "zero_stage2": _zero_outputs,
+    "zero_stage3": _zero_outputs,
+    "bucketed_all_reduce": lambda case: {"out": ("float", (sum(case["sizes"]),)),
+                                         "calls": ("int", (None,)), "rank_spread": ("float", ())},
+}
 
 
 def verify_model_state_bytes(case: dict, out: dict) -> str | None:
@@ -102,50 +188,92 @@ def verify_average_gradients(case: dict, out: dict) -> str | None:
     return _compare_training(case, out["params"], torch.optim.SGD, dict(lr=0.1), "data parallel")
 
 
-def verify_shard_model(case: dict, out: dict) -> str | None:
-    n, psi = case["world_size"], num_params(case)
-    for opt_name, opt_cls, kw, k in (("sgd", torch.optim.SGD, SGD, 8), ("adam", torch.optim.Adam, ADAM, 12)):
-        steps = case["steps"] if opt_name == "sgd" else ADAM_STEPS
-        ref = _single_process(case, opt_cls, kw, steps)
-        for stage in range(4):
-            where = f"stage {stage}, {n} ranks, {opt_cls.__name__}"
-            spread = float(out[f"{opt_name}{stage}_spread"])
-            if spread > PARAM_ATOL:
-                return (f"{where}: ranks' gathered parameters differ by {spread:.3g} — after "
-                        "step() every rank must hold the same (all-gathered) parameters")
-            msg = _compare_training(case, out[f"{opt_name}{stage}_params"], opt_cls, kw, where,
-                                    steps, ref)
-            if msg:
-                return msg
-            mem = out[f"{opt_name}{stage}_mem"]                     # (N, 3): params, grads, opt
-            want = model_state_bytes(psi, stage, n, k=k, param_bytes=4, grad_bytes=4)
-            parts = {"parameters": (4 * psi if stage < 3 else 4 * psi / n),
-                     "gradients": (4 * psi if stage < 2 else 4 * psi / n),
-                     "optimizer state": (k * psi if stage < 1 else k * psi / n)}
-            for rank in range(n):
-                total = float(mem[rank].sum())
-                if abs(total / want - 1) <= MEM_RTOL:
-                    continue
-                got = dict(zip(parts, (float(v) for v in mem[rank])))
-                hints = []
-                for name, expect in parts.items():
-                    if got[name] > (1 + MEM_RTOL) * expect + 64:
-                        hints.append(f"{name}: {got[name] / expect:.2f}× the formula's share")
-                    elif got[name] < (1 - MEM_RTOL) * expect - 64:
-                        hints.append(f"{name}: only {got[name] / expect:.2f}× the formula's share")
-                hint = ""
-                if stage >= 1 and got["optimizer state"] > 0.8 * k * psi:
-                    hint = (" — the optimizer state is whole on every rank: build the optimizer "
-                            "over this rank's shard (an fp32 master copy of 1/N_d of the parameters)")
-                elif stage == 3 and got["parameters"] > 0.8 * 4 * psi:
-                    hint = (" — the full parameters stay allocated: free the all-gathered buffer "
-                            "(untyped_storage().resize_(0)) after each unit's forward and backward")
-                elif stage == 2 and got["gradients"] > 0.8 * 4 * psi:
-                    hint = (" — full gradients are kept: reduce-scatter each unit's gradient as "
-                            "soon as backward produced it and drop the full one")
-                return (f"{where}, rank {rank}: model state {total / want:.3f}× the formula "
-                        f"(allowed ±{MEM_RTOL:.0%}); {'; '.join(hints) or 'no part stands out'}{hint}")
+def _verify_training(case: dict, out: dict) -> str | None:
+    for run in case["runs"]:
+        n = run["world_size"]
+        for opt_name, opt_cls, kw in (("sgd", torch.optim.SGD, SGD), ("adam", torch.optim.Adam, ADAM)):
+            steps = run["steps"] if opt_name == "sgd" else ADAM_STEPS
+            ref = _single_process(run, opt_cls, kw, steps)
+            for stage in case["stages"]:
+                where = f"stage {stage}, {n} ranks, {opt_cls.__name__}"
+                spread = float(out[f"n{n}_{opt_name}{stage}_spread"])
+                if spread > PARAM_ATOL:
+                    return (f"{where}: ranks' gathered parameters differ by {spread:.3g} — after "
+                            "step() every rank must hold the same (all-gathered) parameters")
+                msg = _compare_training(run, out[f"n{n}_{opt_name}{stage}_params"], opt_cls, kw,
+                                        where, steps, ref)
+                if msg:
+                    return msg
     return None
+
+
+# --- the memory case: its reference, computed here without ever holding the whole model ---
+
+@torch.no_grad()
+def memory_reference(case: dict) -> dict:
+    """One process on the whole batch: the probe's output after one Adam step, and the
+    loss of rank 0's rows — without ever holding the model. The weights are zero but for
+    a BLOCK×BLOCK corner, so the forward and backward need only the corners, and below the
+    last layer only the first BLOCK rows of a weight get a gradient (Adam leaves a weight
+    with a zero gradient and zero state exactly as it is). Those rows, and the last layer,
+    are stepped by ``torch.optim.Adam`` itself, as on the ranks."""
+    from ..cases.lab06_zero_fsdp import (MEMORY_ADAM, MEMORY_BATCH_PER_RANK, MEMORY_BLOCK,
+                                         memory_batch, memory_layer, memory_loss)
+    B, w, depth = MEMORY_BLOCK, case["width"], case["depth"]
+    x, probe = memory_batch(case)
+    layers = [memory_layer(case, i) for i in range(depth)]
+    hs = [x]
+    for corner, bias in layers:                                  # forward
+        z = bias.expand(x.shape[0], w).clone()
+        z[:, :B] += hs[-1][:, :B] @ corner.T
+        hs.append(torch.tanh(z))
+    loss0 = memory_loss(hs[-1][:MEMORY_BATCH_PER_RANK])
+    dh = 2 * hs[-1] / x.shape[0]                                 # d(mean over rows)/dh
+    deltas = [None] * depth
+    for i in reversed(range(depth)):                             # backward
+        deltas[i] = dh * (1 - hs[i + 1] ** 2)
+        dh = torch.zeros_like(dh)
+        dh[:, :B] = deltas[i][:, :B] @ layers[i][0]
+    stepped = []                                                 # (rows, weight rows, bias)
+    for i, (corner, bias) in enumerate(layers):
+        rows = w if i == depth - 1 else B                        # rows with a gradient
+        weight = torch.zeros(rows, w)
+        weight[:B, :B] = corner[:rows]
+        weight, bias = nn.Parameter(weight), nn.Parameter(bias.clone())
+        weight.grad, bias.grad = deltas[i][:, :rows].T @ hs[i], deltas[i].sum(0)
+        stepped.append((rows, weight, bias))
+    torch.optim.Adam([t for _, wt, b in stepped for t in (wt, b)], **MEMORY_ADAM).step()
+    h = probe
+    for rows, weight, bias in stepped:                           # probe forward
+        z = bias.expand(h.shape[0], w).clone()
+        z[:, :rows] = nn.functional.linear(h, weight, bias[:rows])
+        h = torch.tanh(z)
+    return {"probe": h, "loss": loss0}
+
+
+def _verify_memory(case: dict, out: dict) -> str | None:
+    s, n = case["stage"], case["world_size"]
+    where = (f"memory case, stage {s} on {n} ranks ({case['depth']} layers of "
+             f"{case['width']}×{case['width']})")
+    if float(out["rank_spread"]) > 1e-5:
+        return f"{where}: the ranks' models disagree after the step (by {float(out['rank_spread']):.3g})"
+    ref = memory_reference(case)
+    msg = compare(out["loss"].float(), ref["loss"], name=f"{where}: rank 0's loss")
+    if msg:
+        return msg + " (the forward of the sharded model must equal the unsharded one)"
+    msg = compare(out["probe"].float(), ref["probe"],
+                  name=f"{where}: the output on a probe batch after one Adam step")
+    if msg:
+        return msg + (" — the step must apply the MEAN gradient over ranks to every parameter "
+                      "(compare with one process on the whole batch)")
+    return None
+
+
+def _verify_zero_stage(case: dict, out: dict) -> str | None:
+    return _verify_memory(case, out) if case["kind"] == "memory" else _verify_training(case, out)
+
+
+verify_zero_stage1 = verify_zero_stage2 = verify_zero_stage3 = _verify_zero_stage
 
 
 def verify_bucketed_all_reduce(case: dict, out: dict) -> str | None:
@@ -162,12 +290,14 @@ def verify_bucketed_all_reduce(case: dict, out: dict) -> str | None:
     if float(out["rank_spread"]) > 0:
         return f"{where}: the ranks' results differ"
     calls = [int(c) for c in out["calls"]]
-    if calls:                  # seen through dist.all_reduce
-        if max(calls) > cap:
-            return (f"{where}: an all-reduce of {max(calls)} elements — everything must go through "
-                    f"the {cap}-element buffer (split tensors bigger than it)")
-        if len(calls) != math.ceil(total / cap):
-            return (f"{where}: {len(calls)} all-reduces, expected ⌈{total}/{cap}⌉ = "
-                    f"{math.ceil(total / cap)} — pack tensors into the buffer and reduce it only when "
-                    "it is full (and once at the end)")
+    if not calls:
+        return (f"{where}: no call to torch.distributed.all_reduce was seen — the ranks' tensors "
+                "must be averaged by all-reducing the buffer (dist.all_reduce(buffer[:fill]))")
+    if max(calls) > cap:
+        return (f"{where}: an all-reduce of {max(calls)} elements — everything must go through "
+                f"the {cap}-element buffer (split tensors bigger than it)")
+    if len(calls) != math.ceil(total / cap):
+        return (f"{where}: {len(calls)} all-reduces, expected ⌈{total}/{cap}⌉ = "
+                f"{math.ceil(total / cap)} — pack tensors into the buffer and reduce it only when "
+                "it is full (and once at the end)")
     return None

@@ -39,8 +39,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .parallel import all_gather_flat, reduce_scatter_flat
-from .parallel import measured_state_bytes  # noqa: F401  (re-exported: per-rank bytes)
+from .launch import all_gather_flat, reduce_scatter_flat
+from .viz.zero import measured_state_bytes  # noqa: F401  (re-exported: per-rank bytes)
 
 
 # ------------------------------------------------------------------------ formula

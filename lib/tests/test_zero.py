@@ -1,10 +1,9 @@
 """llmopt.zero: the ZeRO formula, stages 0–3 on 2 and 4 gloo ranks, ZeRO-R pieces."""
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
-from llmopt.parallel import launch
+from llmopt.launch import launch
 from llmopt.zero import (bucketed_all_reduce, comm_volume, gather_full_params,
                          measured_state_bytes, model_state_bytes, partitioned_checkpoint,
                          shard_flat, shard_model)
