@@ -61,6 +61,7 @@ model: install
 
 bench: install
 	$(PY) bench/kv_cache.py
+	$(PY) bench/paged_attention.py
 	$(PY) bench/flash_attention.py
 	$(PY) bench/gptq.py
 	$(PY) bench/zero.py
