@@ -7,8 +7,9 @@ submission is graded on its own (``grade_submission``): read (or ``not_gradable`
 reason), sanitised against the source notebook, executed by ``runner.execute_notebook``
 with a per-submission seed, and its recorded checks verified outside the kernel. The
 submissions run ``--jobs`` at a time; one that crashes, hangs or exits loses only the checks
-it did not reach. Then, in one process, the verdicts are written to the nbgrader gradebook
-through ``nbgrader autograde`` (with ``ApplyVerdicts`` in place of its executor).
+it did not reach. Each result is saved in its result folder (``load_result`` reads it back: the one hand-off);
+then, in one process, the verdicts are written to the nbgrader gradebook through
+``nbgrader autograde`` (with ``ApplyVerdicts`` in place of its executor, reading the folder).
 A fault of the grader itself gives status ``error`` (retry it), never a silent zero.
 """
 from __future__ import annotations
@@ -34,8 +35,6 @@ from .sandbox import NoSandbox
 from .verify import verify_in_subprocess
 
 CSV_COLUMNS = ["student", "lab", "score", "max_score", "status", "message"]
-# Results handed to nbgrader's autograde step in this process: (student, lab) -> result.
-PRECOMPUTED: dict = {}
 
 
 @dataclasses.dataclass
@@ -52,6 +51,8 @@ class SubmissionResult:
     seconds: float = 0.0  # wall-clock seconds of the sandboxed run
     peak_bytes: int = 0  # the sandbox cgroup's peak memory use
     verify_peak_bytes: int = 0  # the verifying process's peak memory use
+    submitted_sha256: str = ""  # the notebook as handed in ...
+    sanitized_sha256: str = ""  # ... and as the grader ran it: what a result belongs to
 
     def row(self) -> dict:
         return {"student": self.student, "lab": self.lab, "score": round(self.score, 2),
@@ -97,6 +98,28 @@ def submission_seed(secret: bytes, student: str, lab: str) -> int:
 
 def _result_dir(workdir: str, student: str, lab: str) -> str:
     return os.path.join(workdir, "results", student, lab)
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def load_result(workdir: str, student: str, lab: str, notebook: str | None = None) -> SubmissionResult | None:
+    """The stored result of ``student``'s ``lab`` — the one hand-off between grading and the
+    gradebook, nbgrader's autograde and the hub's helper — or None. With ``notebook``, only
+    a result of that very notebook (as handed in, or as sanitised) counts."""
+    folder = _result_dir(workdir, student, lab)
+    try:
+        data = json.loads(read_untrusted(folder, "result.json", cap=16 * 2**20))
+        fields = {f.name for f in dataclasses.fields(SubmissionResult)}
+        result = SubmissionResult(**{k: v for k, v in data.items() if k in fields})
+    except (OSError, ValueError, TypeError):
+        return None
+    if notebook is not None and _sha256(notebook) not in (result.submitted_sha256, result.sanitized_sha256):
+        return None
+    result.out_dir = folder  # wherever it was graded (the hub grades in a private copy)
+    return result
 
 
 def _save_result(result: SubmissionResult, workdir: str) -> None:
@@ -192,6 +215,7 @@ def grade_submission(lab: str, student: str, nb_path: str, *, workdir: str = cou
         except NotGradable as exc:
             return SubmissionResult(student, lab, "not_gradable", message=str(exc), out_dir=out_dir)
         timestamp, ts_note = read_timestamp(nb_path)
+        submitted_sha = _sha256(nb_path)
         with open(course.source_notebook(lab)) as f:
             source_nb = json.load(f)
         with open(course.release_notebook(lab)) as f:
@@ -218,7 +242,7 @@ def grade_submission(lab: str, student: str, nb_path: str, *, workdir: str = cou
         result = SubmissionResult(student, lab, "graded", score, maximum,
                                   "; ".join(p for p in parts if p), cells, out_dir, timestamp,
                                   round(run.seconds, 2), int(run.usage.get("peak_bytes", 0)),
-                                  int(vusage.get("peak_bytes", 0)))
+                                  int(vusage.get("peak_bytes", 0)), submitted_sha, _sha256(sanitized))
     except SolutionLeak as exc:  # never run or grade a notebook that holds the solutions
         result = SubmissionResult(student, lab, "error", message=f"grader error: {exc}", out_dir=out_dir)
     except Exception as exc:  # our fault, not the student's: retryable
@@ -273,20 +297,20 @@ def write_gradebook(lab: str, results: list[SubmissionResult], workdir: str) -> 
             continue
         dest = os.path.join(workdir, "submitted", r.student, lab)
         os.makedirs(dest, exist_ok=True)
-        shutil.copy(os.path.join(r.out_dir, f"{lab}.ipynb"), os.path.join(dest, f"{lab}.ipynb"))
+        sanitized = os.path.join(r.out_dir, f"{lab}.ipynb")
+        shutil.copy(sanitized, os.path.join(dest, f"{lab}.ipynb"))
+        if not r.sanitized_sha256:  # a result made elsewhere: it belongs to the notebook copied here
+            r.sanitized_sha256 = _sha256(sanitized)
+            _save_result(r, workdir)
         ts = os.path.join(dest, "timestamp.txt")
         if r.timestamp:  # checked by read_timestamp; nbgrader's late penalty uses it
             with open(ts, "w") as f:
                 f.write(r.timestamp)
         elif os.path.lexists(ts):
             os.remove(ts)
-        PRECOMPUTED[(r.student, lab)] = r
-        try:
-            with warnings.catch_warnings():  # nbgrader's own SQLAlchemy session warnings
-                warnings.simplefilter("ignore", category=Warning)
-                out = api.autograde(lab, r.student, force=True, create=True)
-        finally:
-            PRECOMPUTED.pop((r.student, lab), None)
+        with warnings.catch_warnings():  # nbgrader's own SQLAlchemy session warnings
+            warnings.simplefilter("ignore", category=Warning)
+            out = api.autograde(lab, r.student, force=True, create=True)  # reads result.json
         if not out["success"]:
             errors[r.student] = (out.get("error") or out.get("log") or "")[-1500:]
     return errors

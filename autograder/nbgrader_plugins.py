@@ -1,8 +1,10 @@
 """nbgrader preprocessors that put the autograder's verdicts into the gradebook.
 
-``ApplyVerdicts`` replaces nbgrader's ``Execute`` in ``nbgrader autograde``. Inside
-``python -m autograder grade`` it uses the results the parallel runs just produced (handed
-over in-process); run by ``nbgrader autograde`` itself, it grades the submission there. It then copies the executed outputs back cell by
+``ApplyVerdicts`` replaces nbgrader's ``Execute`` in ``nbgrader autograde``. It reads the
+stored result of the very notebook being autograded from the grading folder
+(``grade.load_result``: ``python -m autograder grade`` wrote it a moment ago); when there is
+none, it grades the submission now (``grade``; the hub overrides it to run the sandbox
+through its root helper). It then copies the executed outputs back cell by
 cell where the source is unchanged, keeping only safe MIME types, and gives every
 autograded cell exactly one stdout message and one numeric result — nothing on stderr —
 which nbgrader's ``SaveAutoGrades`` turns into that cell's (partial) score.
@@ -65,20 +67,24 @@ class ApplyVerdicts(NbGraderPreprocessor):
     sandboxed = Bool(True, help="Run submissions in the bubblewrap sandbox (False: trusted "
                                 "notebooks only).").tag(config=True)
 
+    def grade(self, lab: str, student: str, path: str):
+        """Grade the notebook at ``path`` now, into the grading folder."""
+        from .grade import grade_submission
+        from .sandbox import Bubblewrap, NoSandbox
+
+        sandbox = Bubblewrap(lab, self.workdir) if self.sandboxed else NoSandbox()
+        try:
+            return grade_submission(lab, student, path, workdir=self.workdir, sandbox=sandbox)
+        finally:
+            sandbox.close()
+
     def preprocess(self, nb, resources):
-        from .grade import PRECOMPUTED, grade_submission
+        from .grade import load_result
 
         student = resources["nbgrader"]["student"]
         lab = resources["nbgrader"]["assignment"]
-        result = PRECOMPUTED.get((student, lab))
-        if result is None:  # `nbgrader autograde` run directly: grade it now
-            path = os.path.join(resources["metadata"]["path"], f"{resources['nbgrader']['notebook']}.ipynb")
-            from .sandbox import Bubblewrap, NoSandbox
-            sandbox = Bubblewrap(lab, self.workdir) if self.sandboxed else NoSandbox()
-            try:
-                result = grade_submission(lab, student, path, workdir=self.workdir, sandbox=sandbox)
-            finally:
-                sandbox.close()
+        path = os.path.join(resources["metadata"]["path"], f"{resources['nbgrader']['notebook']}.ipynb")
+        result = load_result(self.workdir, student, lab, path) or self.grade(lab, student, path)
         if result.status != "graded":
             raise RuntimeError(f"{student}/{lab} could not be graded: {result.message}")
         executed = result.executed_cells()

@@ -3,13 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from . import DTYPES as _DTYPES, gen as _gen
+
 from llmopt.gpt import GPT, GPTConfig
-
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def tiny_config(vocab_size=97, n_layer=2, n_head=2, d_model=32) -> GPTConfig:

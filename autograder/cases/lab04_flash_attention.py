@@ -10,15 +10,7 @@ import contextlib
 
 import torch
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _randint(g, lo, hi) -> int:
-    return int(torch.randint(lo, hi, (1,), generator=g))
+from . import DTYPES as _DTYPES, gen as _gen, randint as _randint
 
 
 def _qkv(g, B, H, N, d, dtype="float32", n_k=None):

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from . import gen as _gen
+
 from llmopt.viz.quant import correlated_inputs
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def _hessian(n: int, cols: int, seed: int, dead: int | None = None) -> torch.Tensor:

@@ -276,3 +276,17 @@ def test_course_secret_is_created_once_under_concurrency(tmp_path, monkeypatch):
             secrets = list(pool.map(lambda _: course_secret(str(workdir)), range(16)))
         assert len(set(secrets)) == 1 and len(secrets[0]) == 64
         assert sorted(p.name for p in workdir.iterdir()) == ["secret"]
+
+
+def test_a_stored_result_is_used_only_for_its_own_notebook(tmp_path):
+    """The result folder is the one hand-off to nbgrader's autograde: a result of another
+    notebook (a resubmission, a forged file beside it) must not be applied."""
+    a, b = tmp_path / "a.ipynb", tmp_path / "b.ipynb"
+    a.write_text('{"cells": [], "nbformat": 4}')
+    b.write_text('{"cells": [1], "nbformat": 4}')
+    r = grade.SubmissionResult("s", LAB, "graded", 3, 15, "ok", submitted_sha256=grade._sha256(a))
+    grade._save_result(r, str(tmp_path / "w"))
+    assert grade.load_result(str(tmp_path / "w"), "s", LAB, str(b)) is None
+    got = grade.load_result(str(tmp_path / "w"), "s", LAB, str(a))
+    assert got.score == 3 and got.out_dir == os.path.join(str(tmp_path / "w"), "results", "s", LAB)
+    assert grade.load_result(str(tmp_path / "w"), "nobody", LAB) is None

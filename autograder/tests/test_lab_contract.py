@@ -54,3 +54,39 @@ def test_points_follow_the_course_template(lab):
         assert gc.points <= auto / 3 + 1e-9, \
             f"{lab}: {gc.grade_id} is worth {gc.points:g} of {auto:g} automatic points (over a third)"
     assert all(gc.checks for gc in cells), f"{lab}: a grade cell calls no check"
+
+
+def test_a_lab_copied_under_a_new_id_releases_and_grades_to_full_marks(tmp_path):
+    """A lab is its files: copy lab01's under a new id, edit nothing, and it works end to end
+    (released by nbgrader, graded in the sandbox, full marks for its solution)."""
+    import os
+    import shutil
+
+    from autograder.grade import grade_folder
+    from autograder.release import release_labs, sample_submission
+
+    src, new = "lab01_kv_cache", "lab99_kv_cache_copy"
+    repo = course.REPO
+    made = [os.path.join(repo, "solutions", new), os.path.join(repo, "labs", new),
+            os.path.join(repo, "autograder", "cases", f"{new}.py"),
+            os.path.join(repo, "autograder", "checks", f"{new}.py")]
+    assert not any(os.path.exists(p) for p in made), "a stale copy is in the way"
+    try:
+        os.makedirs(made[0])
+        shutil.copy(course.source_notebook(src), os.path.join(made[0], f"{new}.ipynb"))
+        shutil.copy(os.path.join(repo, "autograder", "cases", f"{src}.py"), made[2])
+        shutil.copy(os.path.join(repo, "autograder", "checks", f"{src}.py"), made[3])
+        release_labs([new], workdir=str(tmp_path / "release-work"))
+        nb = sample_submission(new, course.release_notebook(new))
+        (tmp_path / "subs" / "alice" / new).mkdir(parents=True)
+        (tmp_path / "subs" / "alice" / new / f"{new}.ipynb").write_text(json.dumps(nb))
+        results = grade_folder(new, str(tmp_path / "subs"), str(tmp_path / "g.csv"), jobs=1,
+                               workdir=str(tmp_path / "w"), timeout=300, progress=False)
+        alice = results[0]
+        assert alice.status == "graded" and alice.score == alice.max_score > 0, alice.message
+    finally:
+        for path in made:
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
