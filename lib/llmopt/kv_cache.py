@@ -17,12 +17,19 @@ Design, as in nanochat's ``engine.py``: the cache is preallocated once per layer
 ``(n_layer, B, H, T_max, d)``, and ``update`` writes in place and returns views up to
 the current length; ``seq_len`` advances after the last layer has written, so every layer
 of one forward call sees the same position offset (``GPT.forward`` reads it once).
+
+The fast path: a decode step is a few hundred small kernels for one token, so on a GPU the
+Python loop that launches them, not the arithmetic, sets the pace. Because the cache is
+preallocated, a step can run with *fixed* shapes — attend over all ``T_max`` slots, masked
+beyond the current position, which lives in a device tensor — and then one CUDA graph
+replays the whole step with a single launch (``decode_step_static``, ``generate_static``).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 class KVCache:
@@ -146,3 +153,94 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, use_cache: boo
         if eos_id is not None and bool(finished.all()):
             break
     return ids
+
+
+def decode_step_static(model, token: torch.Tensor, cache: KVCache, pos: torch.Tensor) -> torch.Tensor:
+    """One generation step with fixed shapes: logits (B, 1, V) for ``token`` (B, 1).
+
+    ``pos`` is a (1,) long tensor on the device: the new token's position. Its k, v go into
+    slot ``pos`` of every layer's cache, and the query attends over all ``T_max`` slots with
+    the ones beyond ``pos`` masked out; nothing reads a host value, so a CUDA graph can
+    capture the step. Same arithmetic as ``GPT.forward(token, kv_cache=cache)``.
+    """
+    from .gpt import POSITION_OFFSET
+
+    B = token.shape[0]
+    x = model.embed_tokens(token)  # (B, 1, E)
+    if model.project_in is not None:
+        x = model.project_in(x)  # (B, 1, D)
+    x = x + model.embed_positions(pos + POSITION_OFFSET)  # (B, 1, D)
+    visible = (torch.arange(cache.max_seq_len, device=token.device) <= pos).view(1, 1, 1, -1)  # (1, 1, 1, T_max)
+    for layer, block in enumerate(model.layers):
+        attn = block.attn
+        H, d = attn.n_head, attn.head_dim
+
+        def attend(h):
+            q = attn.q_proj(h).view(B, 1, H, d).transpose(1, 2)  # (B, H, 1, d)
+            cache.k[layer].index_copy_(2, pos, attn.k_proj(h).view(B, 1, H, d).transpose(1, 2))
+            cache.v[layer].index_copy_(2, pos, attn.v_proj(h).view(B, 1, H, d).transpose(1, 2))
+            y = F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer],
+                                               attn_mask=visible)  # (B, H, 1, d)
+            return attn.out_proj(y.transpose(1, 2).reshape(B, 1, H * d))
+
+        if block.pre_ln:
+            x = x + attend(block.attn_norm(x))
+            x = x + block.mlp(block.mlp_norm(x))
+        else:
+            x = block.attn_norm(x + attend(x))
+            x = block.mlp_norm(x + block.mlp(x))
+    if model.final_layer_norm is not None:
+        x = model.final_layer_norm(x)
+    if model.project_out is not None:
+        x = model.project_out(x)
+    return model.lm_head(x)  # (B, 1, V)
+
+
+@torch.no_grad()
+def generate_static(model, input_ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None,
+                    cuda_graph: bool | None = None) -> torch.Tensor:
+    """``generate(..., use_cache=True)`` with fixed-shape decode steps, graphed on a GPU.
+
+    The prompt phase runs as usual; then each step is ``decode_step_static`` followed by the
+    greedy choice, which feeds the next step in place (token and position live on the
+    device). With ``cuda_graph`` (default: on CUDA) one step is captured once and replayed
+    ``max_new_tokens − 1`` times. The tokens are those of ``generate``: after ``eos_id`` a
+    sequence emits eos (rows never interact, so the rest of its row is simply overwritten),
+    and the result is trimmed where ``generate`` would have stopped.
+    """
+    model.eval()
+    B, T = input_ids.shape
+    p = next(model.parameters())
+    cache = KVCache.for_model(model.config, B, T + max_new_tokens, dtype=p.dtype, device=p.device)
+    first = model(input_ids, kv_cache=cache)[:, -1].argmax(-1, keepdim=True)  # (B, 1): the prompt phase
+    token, pos = first.clone(), torch.full((1,), T, dtype=torch.long, device=input_ids.device)
+
+    def step():  # one token, in place: no host value read, no host value written
+        token.copy_(decode_step_static(model, token, cache, pos)[:, -1].argmax(-1, keepdim=True))
+        pos.add_(1)
+
+    replay = step
+    if cuda_graph if cuda_graph is not None else input_ids.is_cuda:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up outside the capture (allocations, library handles)
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        replay = graph.replay
+        token.copy_(first)  # the warm-up and the capture moved them: back to the first step
+        pos.fill_(T)
+    out = [first]
+    for _ in range(max_new_tokens - 1):
+        replay()
+        out.append(token.clone())
+    new = torch.cat(out, dim=1)  # (B, n)
+    if eos_id is not None:
+        done = (new == eos_id).cumsum(dim=1) > 0  # (B, n): at or after the first eos
+        new = torch.where(done, torch.full_like(new, eos_id), new)
+        all_done = done.all(dim=0).nonzero()
+        if len(all_done):
+            new = new[:, :int(all_done[0]) + 1]
+    return torch.cat([input_ids, new], dim=1)

@@ -1,4 +1,4 @@
-"""Train the shipped course model, tiny-opt (``make model``; ARCHITECTURE.md §3).
+"""Train the shipped course model, tiny-opt (``make model``; README.md: the course model and data).
 
     python -m llmopt.data --tokens .cache/llmopt/tokens      # on the CPU machine
     python -m llmopt.train --tokens .cache/llmopt/tokens --out lib/llmopt/assets/tiny-opt

@@ -75,3 +75,18 @@ def test_generate_batch_with_eos_stops_and_pads():
     out = generate(model, ids, 12, use_cache=True, eos_id=eos)
     assert torch.equal(out, generate(model, ids, 12, use_cache=False, eos_id=eos))
     assert int(out[0, 4]) == eos and (out[0, 4:] == eos).all()
+
+
+@pytest.mark.parametrize("pre_ln", [True, False])
+def test_static_decode_gives_generate_tokens(pre_ln):
+    """The fixed-shape decode step (the CUDA-graph path, run plainly on a CPU) is the cached path."""
+    from llmopt.kv_cache import generate_static
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, max_position_embeddings=64, n_layer=2, n_head=2, d_model=32,
+                          d_ff=64, do_layer_norm_before=pre_ln)).eval()
+    ids = torch.randint(3, 97, (3, 5))
+    assert torch.equal(generate_static(model, ids, 9, cuda_graph=False), generate(model, ids, 9))
+    eos = int(generate(model, ids, 3)[0, 6])  # a token sequence 0 produces: it stops there
+    assert torch.equal(generate_static(model, ids, 9, eos_id=eos, cuda_graph=False),
+                       generate(model, ids, 9, eos_id=eos))

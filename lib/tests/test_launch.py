@@ -50,7 +50,7 @@ def test_a_raising_rank_ends_the_run_with_its_error_not_a_hang():
 
 
 def test_broken_launch_that_keeps_waiting_is_caught_by_its_timeout(monkeypatch):
-    """The MUTANTS.md variant: ranks left waiting. The check above must tell it apart."""
+    """The course/mistakes.md variant: ranks left waiting. The check above must tell it apart."""
     def keep_waiting(errors, results, procs, out, rank):
         out[rank] = None                     # the broken parent: wait for the others
 
