@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import llmopt  # noqa: F401  (Triton's interpreter on a CPU)
+import labkit
 from autograder import grade_functions
 from llmopt import flash_attention as ref
 
@@ -468,38 +469,5 @@ def test_compare_fails_on_nan_even_where_nan_is_expected():
     assert "NaN" in compare(nan, torch.tensor([1, 2]), check_dtype=False)
 
 
-def _kind_ok(t, kind):
-    return {"float": t.is_floating_point(), "bool": t.dtype == torch.bool,
-            "int": not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool,
-            "any": True}[kind]
-
-
-def as_tensor(value):
-    """A run_X value as the recorder stores it (bools, ints and floats become 0-d tensors)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    return torch.tensor(value, dtype=torch.bool if isinstance(value, bool) else
-                        torch.float64 if isinstance(value, float) else torch.int64)
-
-
-def assert_outputs_match_spec(lab, functions, seed=0):
-    """What run_X returns for the reference has exactly OUTPUTS[X]'s keys, kinds and shapes."""
-    import importlib
-    cases = importlib.import_module(f"autograder.cases.{lab}")
-    checks = importlib.import_module(f"autograder.checks.{lab}")
-    assert set(checks.OUTPUTS) == set(functions) == {n[len("verify_"):] for n in dir(checks)
-                                                     if n.startswith("verify_")}
-    for name, fn in functions.items():
-        for i, inp in enumerate(getattr(cases, f"inputs_{name}")(seed)):
-            out = {k: as_tensor(v) for k, v in getattr(cases, f"run_{name}")(fn, inp).items()}
-            spec = checks.OUTPUTS[name](inp)
-            assert set(out) == set(spec), (name, i, sorted(out), sorted(spec))
-            for key, (kind, shape) in spec.items():
-                t = out[key]
-                assert kind in ("float", "int", "bool", "any") and _kind_ok(t, kind), (name, key, t.dtype)
-                assert len(shape) == t.dim() and all(s is None or s == n for s, n in zip(shape, t.shape)), \
-                    (name, key, tuple(t.shape), shape)
-
-
 def test_output_specs_match_the_reference_records():
-    assert_outputs_match_spec(LAB, CHECKS)
+    labkit.assert_outputs_match_reference(LAB, CHECKS)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import labkit
 from autograder import grade_functions
 from llmopt import gptq as ref
 
@@ -379,22 +380,7 @@ def test_nan_in_an_output_fails_with_a_message_saying_so():
 
 def test_output_specs_match_the_reference_records():
     """What run_X returns for the reference has exactly OUTPUTS[X]'s keys, kinds and shapes."""
-    from autograder.cases import lab07_gptq as cases
-    from autograder.checks import lab07_gptq as checks
-    kinds = {"float": lambda t: t.is_floating_point(), "bool": lambda t: t.dtype == torch.bool,
-             "int": lambda t: not t.is_floating_point() and t.dtype != torch.bool, "any": lambda t: True}
-    functions = {"quantize_rtn": ref.quantize_rtn, "obs_update": ref.obs_update,
-                 "obs_quantize_columns": ref.obs_quantize_columns,
-                 "gptq_quantize": ref.gptq_quantize, "GPTQ": ref.GPTQ,
-                 "quantize_model": ref.quantize_model}
-    assert set(checks.OUTPUTS) == set(functions) == {n[7:] for n in dir(checks) if n.startswith("verify_")}
-    for name, fn in functions.items():
-        for i, inp in enumerate(getattr(cases, f"inputs_{name}")(0)):
-            out = getattr(cases, f"run_{name}")(fn, inp)            # every value is a tensor here
-            spec = checks.OUTPUTS[name](inp)
-            assert set(out) == set(spec), (name, i, sorted(out), sorted(spec))
-            for key, (kind, shape) in spec.items():
-                t = torch.as_tensor(out[key])
-                assert kinds[kind](t), (name, key, t.dtype)
-                assert len(shape) == t.dim() and all(s in (None, n) for s, n in zip(shape, t.shape)), \
-                    (name, key, tuple(t.shape), shape)
+    labkit.assert_outputs_match_reference(LAB, {
+        "quantize_rtn": ref.quantize_rtn, "obs_update": ref.obs_update,
+        "obs_quantize_columns": ref.obs_quantize_columns, "gptq_quantize": ref.gptq_quantize,
+        "GPTQ": ref.GPTQ, "quantize_model": ref.quantize_model})
