@@ -1,12 +1,15 @@
 """How the hidden checks of lab01_kv_cache are judged (trusted side; never in the kernel)."""
 from __future__ import annotations
 
+import ast
+
 import torch
 
 from llmopt import kv_cache as ref
 from llmopt.gpt import GPTConfig
 from llmopt.testing import compare
 
+from .. import static
 from ..cases.lab01_kv_cache import _DTYPES, tiny_model
 
 # The sandbox shows these llmopt modules (and what they import); kv_cache stays hidden.
@@ -22,6 +25,28 @@ def _kv_cache_outputs(case: dict) -> dict:
     n = len(case["steps"])
     spec["seq_len_after_step"] = spec["seq_len_after_first_layer"] = ("int", (n,))
     return spec
+
+
+def _passes_a_cache(code, fn: str) -> str | None:
+    """``fn``'s own code builds a ``KVCache`` and calls something with ``kv_cache=``.
+
+    Read from the notebook, outside the kernel: the call pattern ``run_generate`` records in
+    the kernel fails the lazy shortcut (re-running the sequence), and this is what a patched
+    recorder cannot change.
+    """
+    for b in code.definitions(fn):
+        if b.kind != "def":
+            continue
+        passes = any(isinstance(n, ast.Call) and any(k.arg == "kv_cache" for k in n.keywords)
+                     for n in ast.walk(b.node))
+        if passes and "KVCache" in code.uses(b.node).globals:
+            return None
+    return (f"{fn} never builds your KVCache and passes it to the model "
+            "(model(ids, kv_cache=cache)): with use_cache=True the cache is the point of the part")
+
+
+# How the method is judged from the notebook's code (autograder/static.py)
+METHOD = {"generate": [static.no_dynamic_access(), _passes_a_cache]}
 
 
 # What each check's record must hold (keys, dtype kind, shape) before anything is computed.

@@ -238,3 +238,24 @@ def test_broken_reservation_waste_fails():
     assert used.passed <= 1 and any("fraction USED" in m for m in used.messages), used.summary()
     nan = grade("reservation_waste", lambda lengths, m: float("nan"))
     assert nan.passed == 0
+
+
+# --- the method, read from the notebook's code ---------------------------------------------
+
+def test_the_solution_follows_the_method():
+    import labkit
+    assert labkit.verdicts(LAB, labkit.solution_nb(LAB)) == {}
+
+
+@pytest.mark.parametrize("body", [
+    "    return _recompute(model, input_ids, max_new_tokens, eos_id)",   # a helper that never caches
+    "    cache = None\n    return _recompute(model, input_ids, max_new_tokens, eos_id)",
+])
+def test_generate_that_never_passes_a_cache_fails_the_method(body):
+    import labkit
+    helper = ("def _recompute(model, ids, n, eos_id=None):\n"
+              "    for _ in range(n):\n"
+              "        ids = torch.cat([ids, model(ids)[:, -1:].argmax(-1)], 1)\n"
+              "    return ids\n")
+    nb = labkit.with_body(labkit.solution_nb(LAB), "generate", body, extra_cell=helper)
+    assert "never builds your KVCache" in labkit.verdicts(LAB, nb)["generate"]
