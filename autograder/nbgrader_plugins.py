@@ -83,8 +83,15 @@ class ApplyVerdicts(NbGraderPreprocessor):
 
         student = resources["nbgrader"]["student"]
         lab = resources["nbgrader"]["assignment"]
-        path = os.path.join(resources["metadata"]["path"], f"{resources['nbgrader']['notebook']}.ipynb")
-        result = load_result(self.workdir, student, lab, path) or self.grade(lab, student, path)
+        name = f"{resources['nbgrader']['notebook']}.ipynb"
+        path = os.path.join(resources["metadata"]["path"], name)  # nbgrader's own sanitised copy
+        # the result belongs to the notebook as collected (python -m autograder grade put its
+        # sanitised copy there) or to the very file being autograded (the hub helper grades it)
+        handed_in = os.path.join(self.workdir, "submitted", student, lab, name)
+        result = next((r for r in (load_result(self.workdir, student, lab, p)
+                                   for p in (handed_in, path) if os.path.isfile(p)) if r), None)
+        if result is None:
+            result = self.grade(lab, student, path)
         if result.status != "graded":
             raise RuntimeError(f"{student}/{lab} could not be graded: {result.message}")
         executed = result.executed_cells()

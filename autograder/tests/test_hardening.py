@@ -290,3 +290,14 @@ def test_a_stored_result_is_used_only_for_its_own_notebook(tmp_path):
     got = grade.load_result(str(tmp_path / "w"), "s", LAB, str(a))
     assert got.score == 3 and got.out_dir == os.path.join(str(tmp_path / "w"), "results", "s", LAB)
     assert grade.load_result(str(tmp_path / "w"), "nobody", LAB) is None
+
+
+def test_the_gradebook_step_reads_the_result_and_never_grades_again(tmp_path, monkeypatch):
+    """nbgrader's autograde (the gradebook write) must pick up the result folder; grading each
+    submission a second time there doubled the time of a run (seen in a clean-clone make test)."""
+    calls = []
+    real = grade.grade_submission
+    monkeypatch.setattr(grade, "grade_submission", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    results = grade.grade_folder(LAB, _folder(tmp_path, ["x"]), str(tmp_path / "g.csv"),
+                                 workdir=str(tmp_path / "w"), sandboxed=False, progress=False)
+    assert results[0].status == "graded" and calls == ["x"], (results[0].message, calls)
