@@ -64,6 +64,7 @@ bench: install
 	$(PY) bench/paged_attention.py
 	$(PY) bench/flash_attention.py
 	$(PY) bench/gptq.py
+	$(PY) bench/memory_training.py
 	$(PY) bench/zero.py
 	$(PY) bench/int8_nf4.py --ppl
 
