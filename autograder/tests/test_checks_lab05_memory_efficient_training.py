@@ -2,16 +2,14 @@
 each broken variant of course/mistakes.md (lab05 rows) fail with a message that points at the
 mistake, and the METHOD rules refuse torch's checkpoint and amp (and the course library) in
 place of the student's own code."""
-import json
 import pathlib
-import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from autograder import grade_functions, static
-from autograder.notebook import cell_source, nbgrader_meta
+import labkit
+from autograder import grade_functions
 from llmopt import checkpointing as ck
 from llmopt import mixed_precision as mp
 
@@ -287,46 +285,23 @@ def test_master_weight_mutants():
 
 # --------------------------------------------------------------------------- output specs
 def test_output_specs_match_the_reference_records():
-    from autograder.cases import lab05_memory_efficient_training as cases
     from autograder.checks import lab05_memory_efficient_training as checks
-    from autograder.record import _to_tensors
-    kinds = {"float": lambda t: t.is_floating_point(), "bool": lambda t: t.dtype == torch.bool,
-             "int": lambda t: not t.is_floating_point() and t.dtype != torch.bool, "any": lambda t: True}
-    assert set(checks.OUTPUTS) == set(REFERENCE) == {n[7:] for n in dir(checks) if n.startswith("verify_")}
     assert set(checks.METHOD) == set(REFERENCE)
-    for name, fn in REFERENCE.items():
-        for i, inp in enumerate(getattr(cases, f"inputs_{name}")(0)):
-            out = _to_tensors(getattr(cases, f"run_{name}")(fn, inp))
-            spec = checks.OUTPUTS[name](inp)
-            assert set(out) == set(spec), (name, i, sorted(out), sorted(spec))
-            for key, (kind, shape) in spec.items():
-                t = out[key]
-                assert kinds[kind](t), (name, key, t.dtype)
-                assert shape is None or (len(shape) == t.dim() and all(
-                    s in (None, n) for s, n in zip(shape, t.shape))), (name, key, tuple(t.shape), shape)
+    labkit.assert_outputs_match_reference(LAB, REFERENCE)
 
 
 # --------------------------------------------------------------------------- the method
 def _solution_nb():
-    return json.loads(SOLUTION.read_text())
+    return labkit.solution_nb(LAB)
 
 
 def _with_body(fn, body, extra_cell=None):
     """The solution notebook with ``fn``'s solution block replaced by ``body``."""
-    nb = _solution_nb()
-    for i, cell in enumerate(nb["cells"]):
-        src = cell_source(cell)
-        if nbgrader_meta(cell).get("solution") and re.search(rf"^(def|class) {fn}\b", src, re.M):
-            pattern = rf"((def|class) {fn}\b.*?)[ \t]*### BEGIN SOLUTION.*?### END SOLUTION"
-            cell["source"] = re.sub(pattern, lambda m: m.group(1) + body.strip("\n"), src, count=1, flags=re.S)
-            if extra_cell:
-                nb["cells"].insert(i, {"cell_type": "code", "metadata": {}, "source": extra_cell})
-            return nb
-    raise KeyError(fn)
+    return labkit.with_body(_solution_nb(), fn, body, extra_cell)
 
 
 def _verdicts(nb):
-    return static.method_verdicts(LAB, nb)
+    return labkit.verdicts(LAB, nb)
 
 
 def test_solution_follows_the_method():
