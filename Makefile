@@ -66,6 +66,7 @@ bench: install
 	$(PY) bench/gptq.py
 	$(PY) bench/memory_training.py
 	$(PY) bench/zero.py
+	$(PY) bench/moe.py
 	$(PY) bench/int8_nf4.py --ppl
 
 test: install
