@@ -109,5 +109,5 @@ def _rss_after_free(rank, world_size):
 
 
 def test_ranks_give_freed_buffers_back_to_the_os():
-    freed = launch(_rss_after_free, 1)[0]
+    freed = launch(_rss_after_free, 1, start_method="spawn")[0]  # a fresh process: what the parent imported (allocators, arenas) must not decide
     assert freed > 48 * 2**20, f"only {freed / 2**20:.0f} MiB of 64 came back after resize_(0)"
