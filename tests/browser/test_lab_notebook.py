@@ -8,7 +8,8 @@ from __future__ import annotations
 import jlab
 
 LAB = "lab01_kv_cache"
-ANSWERS = ["kv_cache_bytes_impl", "cached_attention_impl", "KVCache_impl", "generate_impl"]
+ANSWERS = ["kv_cache_bytes_impl", "cached_attention_impl", "KVCache_impl", "generate_impl",
+           "max_batch_size_impl", "reservation_waste_impl"]
 
 
 def widget_image_src(widget) -> str:
@@ -67,6 +68,15 @@ def test_student_runs_lab01_in_jupyterlab(jupyterlab, new_page):
     p.shot("06-widget-after-slider")
 
     # The measurement's matplotlib figure (an image output of the timing cell).
+    # JupyterLab renders only the cells near the viewport: scroll down to the timing cell
+    box = jlab.notebook(page).bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    for _ in range(40):
+        if jlab.notebook(page).locator(".jp-CodeCell").filter(
+                has=page.locator(".cm-content", has_text="lengths = [")).count():
+            break
+        page.mouse.wheel(0, 400)
+        page.wait_for_timeout(150)
     timing = jlab.code_cell(page, "lengths = [")
     timing.locator(".jp-OutputArea-output img").first.wait_for(state="visible", timeout=jlab.MEDIUM)
     timing.locator(".jp-OutputArea-output img").first.scroll_into_view_if_needed()
