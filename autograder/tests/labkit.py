@@ -68,3 +68,12 @@ def assert_outputs_match_reference(lab: str, reference: dict, seed: int = 0) -> 
                 assert _KINDS[kind](t), (name, key, t.dtype)
                 assert shape is None or (len(shape) == t.dim() and all(
                     s in (None, n) for s, n in zip(shape, t.shape))), (name, key, tuple(t.shape), shape)
+
+
+def fails(lab: str, name: str, fn, hint: str, all_cases: bool = False, seed: int = 0):
+    """Check ``name`` fails on ``fn`` and its messages name ``hint`` (in every case, or one)."""
+    r = grade(lab, name, fn, seed)
+    assert not r.ok, f"{name}: a broken variant passed"
+    hit = [hint in m for m in r.messages if m]
+    assert (all(hit) if all_cases else any(hit)), (hint, r.messages)
+    return r
