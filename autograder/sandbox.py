@@ -61,18 +61,6 @@ def _ancestors(path: str) -> list[str]:
     return [os.sep + os.sep.join(parts[:i + 1]) for i in range(len(parts))]
 
 
-def _copy_filtered(src: str, dst: str, skip: set[str], skip_dirs: set[str]) -> None:
-    """Copy the .py files of a package tree, leaving out ``skip`` modules and ``skip_dirs``."""
-    for root, dirs, files in os.walk(src):
-        rel = os.path.relpath(root, src)
-        dirs[:] = [d for d in dirs if d != "__pycache__" and os.path.normpath(os.path.join(rel, d)) not in skip_dirs]
-        os.makedirs(os.path.join(dst, rel), exist_ok=True)
-        for f in files:
-            relf = os.path.normpath(os.path.join(rel, f))
-            if f.endswith(".py") and relf not in skip:
-                shutil.copy2(os.path.join(root, f), os.path.join(dst, relf))
-
-
 class Bubblewrap:
     """Runs the executor in a bubblewrap sandbox; one instance serves a whole grading run.
 
