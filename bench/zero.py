@@ -9,7 +9,12 @@
    fp32 master copy and AdamW state), batch per GPU × 1,024 tokens: per-GPU peak memory
    (``torch.cuda.max_memory_allocated``) and median step time (CUDA events) of stages 0–3
    and of ``fully_shard`` per block (bf16 parameters, bf16 reduction, fp32 sharded
-   master params), measured in the same run on the same GPUs.
+   master params), measured in the same run on the same GPUs. At the 1.3b size also:
+   ``+overlap`` (``shard_model(..., overlap=True)``: the next unit's all-gather prefetched,
+   reduce-scatters in flight behind the backward), ``@8``/``@16`` (8 or 16 sequences per GPU
+   instead of 4), the peak per phase (forward, backward, optimizer step) and the model FLOPs
+   utilisation MFU = 6·Ψ·tokens per GPU / step time / the GPU's dense bf16 peak (989 TFLOP/s
+   on an H100/H200; attention's FLOPs are not counted).
 Results: ``bench/results/zero.json`` (or ``$OUT/zero.json``).
 """
 from __future__ import annotations
@@ -36,7 +41,23 @@ CONFIGS = {  # OPT's shapes (vocab 50272, learned positions)
     "opt-6.7b": dict(vocab=50272, d=4096, layers=32, heads=32, ffn=16384, batch=1, seq=1024),
 }
 # 6.7B: 16 bytes of model state per parameter is 107 GB at stage 0 — only the sharded modes
-MODES = {"opt-6.7b": ["stage2", "stage3", "fully_shard"]}
+MODES = {"opt-6.7b": ["stage2", "stage3", "fully_shard"],
+         "opt-1.3b": ["stage0", "stage1", "stage2", "stage3", "stage2+overlap", "stage3+overlap",
+                      "stage3@8", "stage3+overlap@8", "stage3+overlap@16", "fully_shard",
+                      "fully_shard@8", "fully_shard@16"]}
+BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}   # dense, no sparsity
+
+
+def _peak_tflops():
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+
+
+def _parse_mode(mode, batch):
+    """'stage3+overlap@8' -> ('stage3', True, 8): stage, overlap, sequences per rank."""
+    mode, _, b = mode.partition("@")
+    base, _, flag = mode.partition("+")
+    return base, flag == "overlap", int(b) if b else batch
 
 
 class Block(nn.Module):
@@ -120,10 +141,11 @@ def speed(rank, world_size, name, modes, steps=5):
     from llmopt.zero import shard_model
     dev = _device(rank)
     cfg = CONFIGS[name]
-    ids = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"] + 1), device=dev,
-                        generator=torch.Generator(dev).manual_seed(rank))
     rows = []
-    for mode in modes:
+    for mode_name in modes:
+        mode, overlap, batch = _parse_mode(mode_name, cfg["batch"])
+        ids = torch.randint(0, cfg["vocab"], (batch, cfg["seq"] + 1), device=dev,
+                            generator=torch.Generator(dev).manual_seed(rank))
         torch.manual_seed(0)
         gc.collect()                    # the last mode's model lives in hook cycles
         if dev.type == "cuda":
@@ -142,7 +164,8 @@ def speed(rank, world_size, name, modes, steps=5):
             else:
                 with torch.device(dev):
                     model = Transformer(**cfg).to(torch.bfloat16)  # bf16 weights + fp32 master
-                model, opt = shard_model(model, int(mode[-1]), torch.optim.AdamW, lr=1e-4)
+                model, opt = shard_model(model, int(mode[-1]), torch.optim.AdamW, overlap=overlap,
+                                         lr=1e-4)
 
             def step():
                 lm_loss(model, ids).backward()
@@ -151,19 +174,50 @@ def speed(rank, world_size, name, modes, steps=5):
 
             ms = time_ms(step, warmup=2, rep=steps, device=dev)
             peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
+            phases = {}
+            if dev.type == "cuda":            # where the peak is: forward, backward or step
+                for phase in ("forward", "backward", "step"):
+                    torch.cuda.synchronize(dev)
+                    torch.cuda.reset_peak_memory_stats(dev)
+                    if phase == "forward":
+                        loss = lm_loss(model, ids)
+                    elif phase == "backward":
+                        loss.backward()
+                        del loss
+                    else:
+                        opt.step()
+                        opt.zero_grad()
+                    torch.cuda.synchronize(dev)
+                    phases[phase] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)
             lm_loss(model, ids).backward()          # model state after backward, before step
             state = _state_bytes(model, opt, mode)
             opt.zero_grad()
-            rows.append(dict(config=name, mode=mode, world_size=world_size, rank=rank,
+            n_params = sum(v.numel() for v in gather_params_count(model, mode))
+            tokens = batch * cfg["seq"]                                   # per rank
+            achieved = 6 * n_params * tokens / (ms / 1e3) / 1e12         # 6Ψ per token (PaLM's MFU)
+            peak_tf = _peak_tflops()
+            rows.append(dict(config=name, mode=mode_name, world_size=world_size, rank=rank,
                              step_ms=round(ms, 2), peak_gib=round(peak / 2**30, 3),
+                             peak_gib_by_phase=phases,
                              state_gib={k: round(v / 2**30, 3) for k, v in state.items()},
-                             params=sum(p.numel() for p in model.parameters()) if mode == "stage0" else None,
-                             tokens_per_step=cfg["batch"] * cfg["seq"] * world_size))
+                             params=n_params, tokens_per_step=tokens * world_size,
+                             tflops_per_gpu=round(achieved, 1),
+                             mfu=round(achieved / peak_tf, 4) if peak_tf else None))
         except torch.OutOfMemoryError:
-            rows.append(dict(config=name, mode=mode, world_size=world_size, rank=rank, oom=True))
+            rows.append(dict(config=name, mode=mode_name, world_size=world_size, rank=rank, oom=True))
         finally:
             model = opt = None
     return rows
+
+
+def gather_params_count(model, mode):
+    """The model's parameters at full size (ours: the units' flat buffers' real elements)."""
+    units = getattr(model, "_zero_units", None)
+    if units is not None:
+        return [torch.empty(u.numel, device="meta") for u in units]
+    if mode.startswith("fully_shard"):                # DTensors: the global shapes
+        return [torch.empty(p.shape, device="meta") for p in model.parameters()]
+    return list(model.parameters())
 
 
 def _state_bytes(model, opt, mode) -> dict:

@@ -335,3 +335,48 @@ def run_bucketed_all_reduce(fn, case: dict) -> dict:
     return {"out": out[0]["out"], "calls": out[0]["calls"],
             "rank_spread": torch.tensor(max((o["out"] - out[0]["out"]).abs().max().item() for o in out),
                                         dtype=torch.float64)}
+
+
+# --- partitioned_checkpoint: PartitionedCheckpoint (ZeRO-R's P_a), its backward -----------
+
+def inputs_partitioned_checkpoint(seed: int) -> list[dict]:
+    g = _gen(seed + 7)
+    cases = []
+    for ws in (2, 4):
+        rows = int(torch.randint(3, 7, (1,), generator=g))
+        d = int(torch.randint(5, 9, (1,), generator=g))
+        if (rows * d) % ws == 0:                   # padding in the shards: numel not divisible
+            rows += 1 if ((rows + 1) * d) % ws else 2
+        cases.append(dict(world_size=ws, rows=rows, d=d,
+                          seed=int(torch.randint(0, 10_000, (1,), generator=g))))
+    return cases
+
+
+def checkpoint_inputs(case: dict):
+    """(linear layer, x, upstream gradient): the same on every rank (a replicated activation)."""
+    g = _gen(case["seed"])
+    lin = nn.Linear(case["d"], case["d"])
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(case["d"], case["d"], generator=g) / case["d"] ** 0.5)
+        lin.bias.copy_(torch.randn(case["d"], generator=g))
+    x = torch.randn(case["rows"], case["d"], generator=g)
+    grad = torch.randn(case["rows"], case["d"], generator=g)
+    return lin, x, grad
+
+
+def _checkpoint_rank(rank, world_size, cls, case):
+    lin, x, grad = checkpoint_inputs(case)
+    x.requires_grad_(True)
+    y = cls.apply(lambda t: torch.tanh(lin(t)), x)
+    y.backward(grad)
+    zeros = torch.zeros(case["rows"], case["d"])
+    return {"dx": x.grad if x.grad is not None else zeros * float("nan"),
+            "dw": lin.weight.grad if lin.weight.grad is not None else zeros[:1].expand(case["d"], -1) * float("nan"),
+            "y": y.detach()}
+
+
+def run_partitioned_checkpoint(cls, case: dict) -> dict:
+    out = launch(_checkpoint_rank, case["world_size"], cls, case, timeout=LAUNCH_TIMEOUT_S, backend="gloo")
+    spread = max((o["dx"] - out[0]["dx"]).abs().max().item() for o in out)
+    return {"dx": out[0]["dx"], "dw": out[0]["dw"], "y": out[0]["y"],
+            "rank_spread": torch.tensor(spread, dtype=torch.float64)}

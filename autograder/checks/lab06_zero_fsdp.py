@@ -91,7 +91,13 @@ def _zero_outputs(case: dict) -> dict:
 # is a claim; this is not).
 _ALL_REDUCE = static.calls("torch.distributed.all_reduce",
                            what="torch.distributed.all_reduce (dist.all_reduce)")
-METHOD = {"average_gradients": [_ALL_REDUCE], "bucketed_all_reduce": [_ALL_REDUCE]}
+_ALL_GATHER = static.calls("llmopt.launch.all_gather_flat", "torch.distributed.all_gather_into_tensor",
+                           "torch.distributed.all_gather",
+                           what="all_gather_flat (or torch.distributed.all_gather_into_tensor)")
+METHOD = {"average_gradients": [_ALL_REDUCE], "bucketed_all_reduce": [_ALL_REDUCE],
+          # P_a: backward rebuilds x from the ranks' shards; a forward that kept x whole
+          # (and a backward that never gathers) would pass on values alone
+          "partitioned_checkpoint": ("PartitionedCheckpoint", [_ALL_GATHER])}
 
 
 # What each check's record must hold (keys, dtype kind, shape) before anything is computed.
@@ -105,6 +111,10 @@ OUTPUTS = {
     "zero_stage3": _zero_outputs,
     "bucketed_all_reduce": lambda case: {"out": ("float", (sum(case["sizes"]),)),
                                          "calls": ("int", (None,)), "rank_spread": ("float", ())},
+    "partitioned_checkpoint": lambda case: {"dx": ("float", (case["rows"], case["d"])),
+                                            "dw": ("float", (case["d"], case["d"])),
+                                            "y": ("float", (case["rows"], case["d"])),
+                                            "rank_spread": ("float", ())},
 }
 
 
@@ -300,4 +310,35 @@ def verify_bucketed_all_reduce(case: dict, out: dict) -> str | None:
         return (f"{where}: {len(calls)} all-reduces, expected ⌈{total}/{cap}⌉ = "
                 f"{math.ceil(total / cap)} — pack tensors into the buffer and reduce it only when "
                 "it is full (and once at the end)")
+    return None
+
+
+def verify_partitioned_checkpoint(case: dict, out: dict) -> str | None:
+    from ..cases.lab06_zero_fsdp import checkpoint_inputs
+    n, shape = case["world_size"], (case["rows"], case["d"])
+    where = f"PartitionedCheckpoint of tanh(Linear(x)), x of shape {shape} on {n} ranks"
+    lin, x, grad = checkpoint_inputs(case)
+    x.requires_grad_(True)
+    y = torch.tanh(lin(x))
+    y.backward(grad)
+    msg = compare(out["y"], y.detach(), name=f"{where}: the forward's y", atol=1e-6, rtol=1e-5)
+    if msg:
+        return msg + " — the forward (given) must return fn(x) unchanged"
+    if torch.isnan(out["dx"]).all():
+        return (f"{where}: x got no gradient — in backward, rebuild x as a new leaf "
+                "(.detach().requires_grad_(True)), recompute fn(x) under torch.enable_grad() and "
+                "return x.grad")
+    msg = compare(out["dx"], x.grad, name=f"{where}: dx", atol=1e-5, rtol=1e-4)
+    if msg:
+        return msg + (" — x must be the all-gathered shards with the padding cut off "
+                      "(full[:numel].view(shape)), and dx the gradient of fn at that x")
+    if torch.isnan(out["dw"]).all():
+        return (f"{where}: dx is right but fn's parameters got no gradient — run "
+                "torch.autograd.backward(y, grad) on the recomputed y (torch.autograd.grad(y, x) "
+                "gives only dx)")
+    msg = compare(out["dw"], lin.weight.grad, name=f"{where}: fn's weight gradient", atol=1e-5, rtol=1e-4)
+    if msg:
+        return msg + " — backpropagate the recomputed y once, with the incoming grad"
+    if float(out["rank_spread"]) > 0:
+        return f"{where}: the ranks' gradients differ"
     return None

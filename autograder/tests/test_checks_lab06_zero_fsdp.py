@@ -409,6 +409,102 @@ def test_a_bucketed_all_reduce_that_calls_no_collective_fails():
         result.summary()
 
 
+# --- partitioned_checkpoint: PartitionedCheckpoint's backward (ZeRO-R's P_a) ---------------
+
+class _CheckpointBase(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, x):
+        rank, ws = dist.get_rank(), dist.get_world_size()
+        ctx.fn, ctx.shape, ctx.ws = fn, x.shape, ws
+        ctx.save_for_backward(zero.shard_flat(x.detach().reshape(-1), rank, ws))
+        with torch.no_grad():
+            return fn(x)
+
+
+def _gathered(ctx):
+    (shard,) = ctx.saved_tensors
+    full = torch.empty(shard.numel() * ctx.ws, dtype=shard.dtype)
+    zero.all_gather_flat(full, shard)
+    return full
+
+
+class OnlyDx(_CheckpointBase):                      # autograd.grad: dx only, no dW
+    @staticmethod
+    def backward(ctx, grad):
+        x = _gathered(ctx)[:math.prod(ctx.shape)].view(ctx.shape).detach().requires_grad_(True)
+        with torch.enable_grad():
+            y = ctx.fn(x)
+        (dx,) = torch.autograd.grad(y, x, grad)
+        return None, dx
+
+
+class NoEnableGrad(_CheckpointBase):                # recomputed without autograd: no graph
+    @staticmethod
+    def backward(ctx, grad):
+        x = _gathered(ctx)[:math.prod(ctx.shape)].view(ctx.shape).detach().requires_grad_(True)
+        return None, x.grad
+
+
+class PaddingKept(_CheckpointBase):                 # the padded buffer, not cut to numel
+    @staticmethod
+    def backward(ctx, grad):
+        full = _gathered(ctx)
+        x = full.view(-1, ctx.shape[-1]) if full.numel() % ctx.shape[-1] == 0 else full
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            y = ctx.fn(x)
+        torch.autograd.backward(y, grad)
+        return None, x.grad
+
+
+def test_partitioned_checkpoint_reference_passes():
+    for seed in (0, 12345):
+        result = grade("partitioned_checkpoint", zero.PartitionedCheckpoint, seed=seed)
+        assert result.passed == result.total == 2, result.summary()
+
+
+def test_partitioned_checkpoint_stub_fails():
+    class Stub(_CheckpointBase):
+        @staticmethod
+        def backward(ctx, grad):
+            raise NotImplementedError()
+    result = grade("partitioned_checkpoint", Stub)
+    assert result.passed == 0, result.summary()
+
+
+def test_partitioned_checkpoint_without_parameter_gradients_fails_with_hint():
+    result = grade("partitioned_checkpoint", OnlyDx)
+    assert result.passed == 0 and "torch.autograd.backward" in result.messages[0], result.summary()
+
+
+def test_partitioned_checkpoint_without_enable_grad_fails_with_hint():
+    result = grade("partitioned_checkpoint", NoEnableGrad)
+    assert result.passed == 0 and "torch.enable_grad()" in result.messages[0], result.summary()
+
+
+def test_partitioned_checkpoint_with_the_padding_kept_fails():
+    result = grade("partitioned_checkpoint", PaddingKept)
+    assert result.passed == 0, result.summary()
+
+
+def test_a_checkpoint_that_keeps_x_whole_fails_the_method_rule():
+    """The lazy P_a: the forward saves all of x and the backward never gathers — right
+    gradients, none of the memory saving; the notebook's source shows it."""
+    from autograder import static
+    nb = _solution_nb()
+    for c in nb["cells"]:
+        src = "".join(c["source"])
+        if "class PartitionedCheckpoint" in src:
+            src = src.replace("ctx.save_for_backward(shard_flat(x.detach().reshape(-1), rank, ws))",
+                              "ctx.save_for_backward(x.detach())")
+            a = src.index("        (shard,) = ctx.saved_tensors")
+            b = src.index("        with torch.enable_grad():", a)
+            src = src[:a] + "        (x,) = ctx.saved_tensors\n        x = x.detach().requires_grad_(True)\n" + src[b:]
+            c["source"] = [src]
+    verdicts = static.method_verdicts(LAB, nb)
+    assert set(verdicts) == {"partitioned_checkpoint"} and "never calls" in verdicts["partitioned_checkpoint"], verdicts
+
+
 # --- the variants, reached by the subprocess above ----------------------------------------
 
 def _keep(self):                                       # marks it free, keeps the memory

@@ -61,6 +61,9 @@ def _worker(fn, rank, world_size, args, backend, port, results, timeout_s):
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     try:
         if backend == "nccl":
+            # async collectives (ZeRO's overlap): keep their tensors alive until .wait() rather
+            # than recordStream them, which lets freed buffers pile up while the host runs ahead
+            os.environ.setdefault("TORCH_NCCL_AVOID_RECORD_STREAMS", "1")
             torch.cuda.set_device(rank % torch.cuda.device_count())
         else:  # 2 cores shared by N ranks: one thread each, or they thrash
             torch.set_num_threads(1)
@@ -251,16 +254,18 @@ def launch(fn, world_size: int, *args, backend: str | None = None,
 
 # ------------------------------------------------------------------- collectives
 
-def all_gather_flat(out: torch.Tensor, inp: torch.Tensor) -> None:
-    """``out`` (N·S,) ← every rank's ``inp`` (S,) in rank order (all_gather_into_tensor)."""
+def all_gather_flat(out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
+    """``out`` (N·S,) ← every rank's ``inp`` (S,) in rank order (all_gather_into_tensor).
+    ``async_op=True`` returns the work handle: ``.wait()`` before reading ``out``."""
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(out, inp)
+    return fn(out, inp, async_op=True) if async_op else fn(out, inp)
 
 
-def reduce_scatter_flat(out: torch.Tensor, inp: torch.Tensor) -> None:
-    """``out`` (S,) ← slice ``rank`` of the sum over ranks of ``inp`` (N·S,)."""
+def reduce_scatter_flat(out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
+    """``out`` (S,) ← slice ``rank`` of the sum over ranks of ``inp`` (N·S,).
+    ``async_op=True`` returns the work handle: ``.wait()`` before reading ``out``."""
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    fn(out, inp)
+    return fn(out, inp, async_op=True) if async_op else fn(out, inp)
 
 
 def release_freed_memory(threshold: int = 1 << 20) -> None:

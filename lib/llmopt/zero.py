@@ -30,6 +30,12 @@ Design:
   all-gathers it again before its backward, and the gradient hook frees it after.
 - Communication per step: stages 0–2 move 2Ψ per rank (all-reduce = reduce-scatter +
   all-gather), stage 3 3Ψ (two all-gathers and a reduce-scatter): 1.5×.
+- ``overlap=True`` hides that communication behind compute, as FSDP does: at stage 3 the
+  all-gather of the *next* unit (in the order of the first forward; reversed in backward)
+  is issued asynchronously while the current unit computes (prefetch: at most two units'
+  weights are whole at once), and from stage 2 on each unit's reduce-scatter is issued
+  asynchronously as soon as its gradients are complete and waited for only two units later
+  (bucketed by unit, overlapped with the backward of the units before it).
 """
 from __future__ import annotations
 
@@ -113,20 +119,35 @@ class _Unit:
         self.master = nn.Parameter(view.detach().float().clone())       # fp32, (S,)
         self.gathered = True
         self.pending = 0
+        self.work = None                         # an all-gather in flight (prefetch)
+        self.reducing = None                     # a reduce-scatter in flight: (work, out)
+        self.live = None                         # shared counter of whole units (stage 3)
         if stage == 3:
             self.free()
 
     # stage 3: all-gather the weights (FSDP) and free them again
-    def gather(self):
+    def gather(self, async_op: bool = False):
+        """Make the unit's weights whole; ``async_op``: only issue the all-gather (prefetch)."""
         if self.stage == 3 and not self.gathered:
             _alloc(self.flat)
-            all_gather_flat(self.flat, self.shard.detach())
+            self.work = all_gather_flat(self.flat, self.shard.detach(), async_op=True)
             self.gathered = True
+            if self.live is not None:
+                self.live[0] += 1
+                self.live[1] = max(self.live[1], self.live[0])
+        if not async_op and self.work is not None:
+            self.work.wait()                     # the compute stream waits for the copy
+            self.work = None
 
     def free(self):
         if self.stage == 3 and self.gathered:
+            if self.work is not None:            # prefetched but never used
+                self.work.wait()
+                self.work = None
             _free(self.flat)
             self.gathered = False
+            if self.live is not None:
+                self.live[0] -= 1
 
     def flat_grad(self):
         grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=self.flat.dtype, device=self.flat.device)
@@ -136,24 +157,45 @@ class _Unit:
             grads.append(torch.zeros(pad, dtype=self.flat.dtype, device=self.flat.device))
         return torch.cat(grads)                                            # (N·S,)
 
-    def reduce_grads(self):
-        """Reduce-scatter the mean gradient into this rank's shard; drop the full ones."""
+    def reduce_grads(self, async_op: bool = False):
+        """Reduce-scatter the mean gradient into this rank's shard; drop the full ones.
+        ``async_op``: only issue it; ``finish_reduce()`` completes it."""
         full = self.flat_grad()
         for p in self.params:
             p.grad = None
         out = torch.empty(self.S, dtype=full.dtype, device=full.device)
-        reduce_scatter_flat(out, full)
+        if async_op:
+            self.reducing = (reduce_scatter_flat(out, full, async_op=True), out)
+        else:
+            reduce_scatter_flat(out, full)
+            self._accumulate(out)
+        self.pending = 0
+
+    def finish_reduce(self):
+        if self.reducing is not None:
+            work, out = self.reducing
+            work.wait()
+            self.reducing = None
+            self._accumulate(out)
+
+    def _accumulate(self, out):
         out.div_(self.world_size)
         if self.shard.grad is None:
             self.shard.grad = out
         else:
             self.shard.grad.add_(out)
-        self.pending = 0
 
-    def on_grad(self, _p):
+    def on_grad(self, _p, inflight=None):
         self.pending += 1
         if self.pending == sum(p.requires_grad for p in self.params):
-            self.reduce_grads()
+            if inflight is None:
+                self.reduce_grads()
+            else:                                # overlap: wait only two units later
+                self.finish_reduce()
+                self.reduce_grads(async_op=True)
+                inflight.append(self)
+                while len(inflight) > 2:
+                    inflight.pop(0).finish_reduce()
             self.free()
 
 
@@ -230,23 +272,42 @@ class ZeroOptimizer:
         return self.optim.state_dict()
 
 
-def shard_model(model: nn.Module, stage: int, optimizer_cls, **opt_kwargs):
+def shard_model(model: nn.Module, stage: int, optimizer_cls, overlap: bool = False, **opt_kwargs):
     """Shard ``model`` (identical on every rank) for ZeRO ``stage``; return (model, optimizer).
 
     After it, ``loss.backward(); optimizer.step(); optimizer.zero_grad()`` trains with
     gradients averaged over ranks and that stage's memory. Call it on every rank.
+    ``overlap=True``: prefetch the next unit's all-gather and overlap the reduce-scatters
+    with the backward (same results; communication hidden behind compute on a GPU).
     """
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage}")
     rank, ws = dist.get_rank(), dist.get_world_size()
     units = [_Unit(m, ps, stage, rank, ws) for m, ps in _units_of(model)]
+    live = [0, 0]                              # whole units now, and the most at once
+    for u in units:
+        u.live = live
     model._zero_units = units
     model._zero_stage = stage
+    model._zero_live = live
     state = {"callback_queued": False}
+    order: list = []                           # units in the order of the first forward
+    inflight: list | None = [] if overlap else None
+
+    def prefetch(u, step):                     # issue the all-gather of the unit after u
+        if overlap and u in order:
+            seq = order if step > 0 else order[:1] + order[1:][::-1]   # backward: root first
+            i = seq.index(u) + 1
+            if i < len(seq):
+                seq[i].gather(async_op=True)
 
     def final_callback():                      # end of backward: flush what is left
         state["callback_queued"] = False
         if stage >= 2:
+            for u in list(inflight or []):
+                u.finish_reduce()
+            if inflight:
+                inflight.clear()
             for u in units:
                 if u.pending or any(p.grad is not None for p in u.params):
                     u.reduce_grads()
@@ -260,17 +321,24 @@ def shard_model(model: nn.Module, stage: int, optimizer_cls, **opt_kwargs):
     def pre_backward(u):                       # the unit's backward is next: its weights
         queue_final()
         u.gather()
+        prefetch(u, -1)
 
     for u in units:
         if stage >= 2:
             for p in u.params:
                 def hook(p, u=u):
                     queue_final()
-                    u.on_grad(p)
+                    u.on_grad(p, inflight)
                 p.register_post_accumulate_grad_hook(hook)
         if stage == 3:
             def pre_forward(module, args, u=u):
+                if _in_backward():            # recomputation (checkpointing)
+                    u.gather()
+                    return
+                if u not in order:
+                    order.append(u)
                 u.gather()
+                prefetch(u, +1)
 
             def post_forward(module, args, output, u=u):
                 if _in_backward():            # recomputation (checkpointing): keep them

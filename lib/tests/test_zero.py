@@ -113,15 +113,18 @@ class _Tied(nn.Module):
         return self.ln(h) @ self.emb.weight.t()
 
 
-def _tied(rank, world_size, stage):
+def _tied(rank, world_size, stage, overlap=False):
     ids = torch.arange(24).remainder(11).view(4, 6)
     b = 4 // world_size
-    model, opt = shard_model(_Tied(), stage, torch.optim.SGD, lr=0.5)
+    model, opt = shard_model(_Tied(), stage, torch.optim.SGD, overlap=overlap, lr=0.5)
     for _ in range(3):
         logits = model(ids[rank * b:(rank + 1) * b])
         nn.functional.cross_entropy(logits.reshape(-1, 11), ids[rank * b:(rank + 1) * b].reshape(-1)).backward()
         opt.step()
         opt.zero_grad()
+    if overlap:
+        most_live = model._zero_live[1]          # before gather_full_params makes all whole
+        return gather_full_params(model), most_live
     return gather_full_params(model)
 
 
@@ -162,3 +165,17 @@ def test_zero_r_constant_buffer_and_partitioned_checkpoint():
     torch.tanh(lin(x)).sum().backward()
     torch.testing.assert_close(out[1]["dx"], x.grad)
     torch.testing.assert_close(out[1]["dw"], lin.weight.grad)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_overlap_prefetch_and_async_reduce_scatter_change_nothing_but_timing(stage):
+    """overlap=True (prefetched all-gathers, reduce-scatters in flight) trains exactly as
+    overlap=False, and at stage 3 never holds more than the root and two blocks whole."""
+    plain = launch(_tied, 2, stage)
+    overlapped = launch(_tied, 2, stage, True)
+    for rank in range(2):
+        params, most_live = overlapped[rank]
+        for k, v in plain[rank].items():
+            torch.testing.assert_close(params[k], v, atol=0, rtol=0)
+        if stage == 3:
+            assert most_live == 3, f"at most the root + current + next unit whole, saw {most_live}"
