@@ -1,9 +1,11 @@
 """FlashAttention benchmark: llmopt.flash_attention vs SDPA's flash and cuDNN backends.
 
-    PYTHONPATH=lib python3 bench/flash_attention.py [--sweep] [--out DIR]
+    PYTHONPATH=lib:. python3 bench/flash_attention.py [--sweep] [--out DIR | --out FILE.json]
+    PYTHONPATH=lib:. python3 bench/flash_attention.py --quick      # CPU: tiny sizes, interpreter
 
-bf16, B·H·N = 256k tokens (B·H = 256, 64, 16 for N = 1k, 4k, 16k: enough programs to fill
-132 SMs), d ∈ {64, 128}, causal and not. TFLOP/s with
+bf16, B·H·N = 256k tokens (B = 256k / (16·N): enough programs to fill 132 SMs), an N sweep
+512, 1k, 2k, 4k, 8k, 16k (TFLOP/s against N, the plot of lab04's part 8), d ∈ {64, 128},
+causal and not. TFLOP/s with
 
     FLOPs(forward)          = 4·B·H·N²·d      (QKᵀ and PV, 2 FLOPs per multiply-add)
     FLOPs(forward+backward) = 3.5 · FLOPs(forward)   (backward counted as 2.5× forward)
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -120,13 +123,51 @@ def sweep(d, causal, N=4096):
     return out
 
 
+def quick(out_dir, name):
+    """CPU smoke run: the Triton kernels through the interpreter against SDPA (math) at tiny
+    sizes, wall-clock medians (no CUDA events). Checks that the script runs, measures nothing."""
+    rows = []
+    for N in (64, 128):
+        for causal in (False, True):
+            g = torch.Generator().manual_seed(0)
+            q, k, v = (torch.randn(1, 2, N, 32, generator=g).requires_grad_() for _ in range(3))
+            row = {"B": 1, "H": 2, "N": N, "d": 32, "causal": causal, "dtype": "float32"}
+            impls = {"llmopt": lambda q, k, v, c: flash_attention(q, k, v, causal=c),
+                     "sdpa": lambda q, k, v, c: F.scaled_dot_product_attention(q, k, v, is_causal=c)}
+            outs = {}
+            for impl, fn in impls.items():
+                with torch.no_grad():
+                    fwd = bench.time_ms(lambda: fn(q, k, v, causal), warmup=1, rep=3)
+                both = bench.time_ms(lambda: fn(q, k, v, causal).sum().backward(), warmup=1, rep=3)
+                row[f"{impl}_fwd_ms"], row[f"{impl}_fwd_bwd_ms"] = fwd, both
+                row[f"{impl}_fwd_tflops"] = bench.tflops(flops(1, 2, N, 32, causal, "fwd"), fwd)
+                row[f"{impl}_fwd_bwd_tflops"] = bench.tflops(flops(1, 2, N, 32, causal, "fwd_bwd"), both)
+                outs[impl] = fn(q, k, v, causal).detach()
+            row["max_abs_err"] = (outs["llmopt"] - outs["sdpa"]).abs().max().item()
+            rows.append(row)
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
+                  flush=True)
+    path = bench.write_results(name, rows, out_dir=out_dir, quick=True,
+                               note="CPU interpreter smoke run: timings mean nothing")
+    print("wrote", path)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--out", default=None, help="folder for the JSON (default bench/results)")
-    ap.add_argument("--name", default="flash_attention")
-    ap.add_argument("--ns", default="1024,4096,16384")
+    ap.add_argument("--sweep", action="store_true", help="also time block configurations at N=4k")
+    ap.add_argument("--quick", action="store_true", help="CPU smoke run at tiny sizes")
+    ap.add_argument("--out", default=None,
+                    help="folder for the JSON, or a path ending in .json (default bench/results)")
+    ap.add_argument("--name", default=None, help="file name without .json (default flash_attention)")
+    ap.add_argument("--ns", default="512,1024,2048,4096,8192,16384")
     args = ap.parse_args()
+    out_dir, name = args.out, args.name
+    if out_dir and out_dir.endswith(".json"):
+        out_dir, name = os.path.dirname(out_dir) or ".", name or os.path.basename(out_dir)[:-5]
+    if args.quick or not torch.cuda.is_available():
+        quick(out_dir or tempfile.gettempdir(), name or "flash_attention_quick")
+        return
+    name = name or "flash_attention"
     meta = {"tokens_per_batch": TOKENS, "heads": H, "dtype": "bfloat16",
             "flops": "fwd 4·B·H·N²·d, fwd+bwd 3.5× that, halved when causal",
             "default_configs": {f"d{d}": {"fwd": _fwd_config(d), "bwd": _bwd_config(d)}
@@ -147,20 +188,20 @@ def main():
         for d in (64, 128):
             for causal in (False, True):
                 row = {"B": B, "H": H, "N": N, "d": d, "causal": causal}
-                for name, fn in IMPLS.items():
+                for impl, fn in IMPLS.items():
                     try:
                         fwd, both = time_impl(fn, B, N, d, causal)
-                        row[f"{name}_fwd_ms"], row[f"{name}_fwd_bwd_ms"] = fwd, both
-                        row[f"{name}_fwd_tflops"] = bench.tflops(flops(B, H, N, d, causal, "fwd"), fwd)
-                        row[f"{name}_fwd_bwd_tflops"] = bench.tflops(
+                        row[f"{impl}_fwd_ms"], row[f"{impl}_fwd_bwd_ms"] = fwd, both
+                        row[f"{impl}_fwd_tflops"] = bench.tflops(flops(B, H, N, d, causal, "fwd"), fwd)
+                        row[f"{impl}_fwd_bwd_tflops"] = bench.tflops(
                             flops(B, H, N, d, causal, "fwd_bwd"), both)
                     except Exception as e:  # a backend not available for this shape
-                        row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                        row[f"{impl}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 rows.append(row)
                 print(json.dumps({k: (round(v, 1) if isinstance(v, float) else v)
                                   for k, v in row.items() if "ms" not in k}), flush=True)
                 torch.cuda.empty_cache()
-    path = bench.write_results(args.name, rows, out_dir=args.out, **meta)
+    path = bench.write_results(name, rows, out_dir=out_dir, **meta)
     print("wrote", path)
     print(f"\n{'N':>6} {'d':>4} {'causal':>6} | fwd TFLOP/s: llmopt  flash  cudnn | "
           f"fwd+bwd: llmopt  flash  cudnn")

@@ -19,6 +19,28 @@ def _qkv(g, B, H, N, d, dtype="float32", n_k=None):
             for name, s in zip("qkv", shapes)}
 
 
+# --- block_sizes(sram_bytes, d, bytes_per_el) -> (B_r, B_c) ------------------------------
+
+_SRAM = (228 * 1024, 164 * 1024, 100 * 1024, 48 * 1024)   # H100/H200, A100, RTX 4090, older GPUs
+
+
+def inputs_block_sizes(seed: int) -> list[dict]:
+    g = _gen(seed)
+    cases = [dict(sram_bytes=228 * 1024, d=(64, 128)[_randint(g, 0, 1)], bytes_per_el=4),
+             dict(sram_bytes=228 * 1024, d=128, bytes_per_el=2),
+             dict(sram_bytes=1000 + 4 * _randint(g, 0, 50), d=48, bytes_per_el=4)]  # tiny: ⌈·⌉ shows
+    for _ in range(3):
+        cases.append(dict(sram_bytes=_SRAM[_randint(g, 0, len(_SRAM) - 1)],
+                          d=(16, 32, 48, 64, 80, 96, 128, 256)[_randint(g, 0, 7)],
+                          bytes_per_el=(2, 4)[_randint(g, 0, 1)]))
+    return cases
+
+
+def run_block_sizes(fn, case: dict) -> dict:
+    B_r, B_c = fn(case["sram_bytes"], case["d"], case["bytes_per_el"])
+    return {"blocks": torch.tensor([float(B_r), float(B_c)], dtype=torch.float64)}
+
+
 # --- merge_softmax_stats(m1, l1, m2, l2) -> (m, l) --------------------------------------
 
 def inputs_merge_softmax_stats(seed: int) -> list[dict]:
@@ -54,6 +76,28 @@ def inputs_online_softmax(seed: int) -> list[dict]:
 
 def run_online_softmax(fn, case: dict) -> dict:
     return {"p": fn(case["x"].clone(), case["block_size"])}
+
+
+# --- softmax_triton(x, block_size) -> softmax(x, dim=-1), the warm-up Triton kernel ------
+
+def inputs_softmax_triton(seed: int) -> list[dict]:
+    g = _gen(seed)
+    return [dict(x=torch.randn(4, _randint(g, 100, 200), generator=g), block_size=32,
+                 dtype="float32"),
+            dict(x=torch.randn(3, _randint(g, 40, 70), generator=g) * 30, block_size=16,
+                 dtype="float32"),                                       # the max moves often
+            dict(x=(torch.randn(2, 3, _randint(g, 20, 40), generator=g) * 4).half(), block_size=16,
+                 dtype="float16"),
+            dict(x=(torch.randn(3, _randint(g, 65, 127), generator=g) * 4).bfloat16(),
+                 block_size=64, dtype="bfloat16"),
+            dict(x=torch.randn(5, _randint(g, 5, 12), generator=g) - 8, block_size=64,
+                 dtype="float32")]                                       # one ragged tile, all < 0
+
+
+def run_softmax_triton(fn, case: dict) -> dict:
+    with _spy() as seen:
+        p = fn(case["x"].clone(), case["block_size"])
+    return {"p": p, **seen}
 
 
 # --- flash_attention_v1_torch(q, k, v, block_q, block_k) -> O ---------------------------

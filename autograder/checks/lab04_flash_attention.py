@@ -89,6 +89,42 @@ def _attention_hints(case, o, scale):
     return ""
 
 
+# --- part 1: the lecture's block sizes ---------------------------------------------------
+
+def _blocks(sram_bytes, d, bytes_per_el, ceil=True, in_bytes=False, use_min=True, paren=True):
+    """(B_r, B_c) by the lecture's rule, or by one of its usual misreadings."""
+    M = sram_bytes if in_bytes else sram_bytes // bytes_per_el
+    x = M / (4 * d) if paren else M / 4 * d
+    B_c = math.ceil(x) if ceil else math.floor(x)
+    return (min(B_c, d) if use_min else B_c), B_c
+
+
+def verify_block_sizes(case: dict, out: dict) -> str | None:
+    sram, d, b = case["sram_bytes"], case["d"], case["bytes_per_el"]
+    got = out["blocks"].double()
+    where = f"block_sizes(sram_bytes={sram}, d={d}, bytes_per_el={b})"
+    if got.shape != (2,):
+        return f"{where}: return two numbers (B_r, B_c), got {tuple(got.shape)}"
+    if not torch.isfinite(got).all():
+        return f"{where}: NaN or infinite (B_c = ⌈M / 4d⌉ is a finite whole number)"
+    if (got != got.round()).any():
+        return f"{where} returned a fraction: block sizes are whole numbers of rows, B_c = ⌈M / 4d⌉"
+    B_r, B_c = (int(x) for x in got.tolist())
+    want = _blocks(sram, d, b)
+    if (B_r, B_c) == want:
+        return None
+    msg = f"{where}: (B_r, B_c) is wrong"
+    if (B_c, B_r) == want:
+        return msg + " — the order is (B_r, B_c): query rows first, then key columns"
+    for kw, hint in ((dict(ceil=False), "⌈M / 4d⌉ rounds up, not down"),
+                     (dict(in_bytes=True), "M counts numbers, not bytes: M = sram_bytes // bytes_per_el"),
+                     (dict(use_min=False), "B_r = min(⌈M / 4d⌉, d): a Q block is at most d rows"),
+                     (dict(paren=False), "the rule divides by 4d: ⌈M / (4·d)⌉, not M / 4 · d")):
+        if (B_r, B_c) == _blocks(sram, d, b, **kw) and _blocks(sram, d, b, **kw) != want:
+            return msg + " — " + hint
+    return msg + " — the lecture's step 1: B_c = ⌈M / 4d⌉, B_r = min(⌈M / 4d⌉, d), M in numbers"
+
+
 # --- part 2: online softmax --------------------------------------------------------------
 
 def verify_merge_softmax_stats(case: dict, out: dict) -> str | None:
@@ -121,6 +157,49 @@ def verify_online_softmax(case: dict, out: dict) -> str | None:
         elif x.shape[-1] > case["block_size"]:
             msg += " — the blocks' statistics must be merged (rescaled to the common max m)"
     return msg
+
+
+# --- part 4: the warm-up Triton kernel ---------------------------------------------------
+
+def _softmax_tail_zero(x, block):
+    """softmax with the ragged tile's padding loaded as 0 (counted in m and ℓ)."""
+    pad = -x.shape[-1] % block
+    xp = torch.cat([x.double(), x.new_zeros(*x.shape[:-1], pad, dtype=torch.float64)], -1)
+    return torch.softmax(xp, -1)[..., :x.shape[-1]]
+
+
+def _softmax_no_rescale(x, block):
+    """The online softmax with ℓ summed over tiles without the factor e^{m_old - m_new}."""
+    x = x.double()
+    m = torch.full(x.shape[:-1], float("-inf"), dtype=torch.float64)
+    l = torch.zeros(x.shape[:-1], dtype=torch.float64)
+    for j in range(0, x.shape[-1], block):
+        m = torch.maximum(m, x[..., j:j + block].max(-1).values)
+        l = l + torch.exp(x[..., j:j + block] - m[..., None]).sum(-1)
+    return torch.exp(x - m[..., None]) / l[..., None]
+
+
+def verify_softmax_triton(case: dict, out: dict) -> str | None:
+    x, block = case["x"], case["block_size"]
+    where = f"softmax {tuple(x.shape)} {str(x.dtype).replace('torch.', '')}, block_size={block}"
+    expected = torch.softmax(x.double(), -1).to(x.dtype).double()
+    msg = _compare(out["p"], expected, x.dtype, where)
+    if msg:
+        p = out["p"]
+        if isinstance(p, torch.Tensor) and p.shape == x.shape and p.is_floating_point():
+            if _close(p, _softmax_tail_zero(x, block), 1e-2):
+                msg += (" — the padded columns of the last, ragged tile count in m and ℓ: load them as"
+                        " -inf (other=float('-inf'): e^-inf = 0), not 0 (e^0 = 1)")
+            elif x.shape[-1] > block and _close(p, _softmax_no_rescale(x, block), 1e-2):
+                msg += (" — ℓ must be rescaled when the running max grows:"
+                        " ℓ ← e^{m_old - m_new}·ℓ + Σ e^{x - m_new}")
+            elif x.dtype == torch.bfloat16:
+                msg += (" — bf16 arithmetic is wrong in Triton's CPU interpreter: convert the tile"
+                        " to fp32 right after tl.load (.to(tl.float32))")
+            elif x.shape[-1] > block:
+                msg += " — each tile's (m, ℓ) must be merged into the row's, then e^{x - m}/ℓ written"
+        return msg
+    return _spied(out, "softmax_triton")
 
 
 # --- part 3: tiled forward in PyTorch ----------------------------------------------------
@@ -261,9 +340,9 @@ _HOST_MODULES = ("torch", "math", "functools", "typing", "os.environ", "triton.j
                  "triton.Config", "triton.language", "llmopt.testing")
 
 
-def _triton_part(fn):
+def _triton_part(fn, ops=("load", "store", "dot")):
     return (fn, [static.no_dynamic_access(), static.no_llmopt_imports(allowed=("llmopt.testing",)),
-                 static.imports_only(*_HOST_MODULES), static.launches_triton_kernel(),
+                 static.imports_only(*_HOST_MODULES), static.launches_triton_kernel(ops),
                  static.forbids(*_TORCH_ATTENTION, why=_WHY_TRITON)])
 
 
@@ -275,6 +354,8 @@ def _torch_part(fn, *extra):
 _SHORTCUTS = ("*softmax*", "softmax", "log_softmax", "softmin", "*logsumexp*", "logsumexp",
               "*attention*", "scaled_dot_product_attention")
 METHOD = {
+    "block_sizes": _torch_part("block_sizes"),
+    "softmax_triton": _triton_part("softmax_triton", ops=("load", "store")),
     "merge_softmax_stats": _torch_part("merge_softmax_stats", *_SHORTCUTS),
     "online_softmax": _torch_part("online_softmax", *_SHORTCUTS),
     "flash_attention_v1_torch": _torch_part("flash_attention_v1_torch", *_SHORTCUTS),
@@ -296,6 +377,8 @@ def _qkv_like(inp, *keys):
 
 
 OUTPUTS = {
+    "block_sizes": lambda inp: {"blocks": ("float", (None,))},
+    "softmax_triton": lambda inp: {"p": ("float", tuple(inp["x"].shape)), **_COUNTERS},
     "merge_softmax_stats": lambda inp: {"m": ("float", tuple(inp["m1"].shape)),
                                         "l": ("float", tuple(inp["m1"].shape))},
     "online_softmax": lambda inp: {"p": ("float", tuple(inp["x"].shape))},

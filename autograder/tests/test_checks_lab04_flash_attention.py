@@ -4,13 +4,17 @@ course/mistakes.md (lab04 row) fail, each with a message that points at the mist
 import pytest
 import torch
 
-import llmopt  # noqa: F401  (Triton's interpreter on a CPU)
+import llmopt  # noqa: F401  (first: Triton's interpreter on a CPU, before triton is imported)
 import labkit
+import triton
+import triton.language as tl
 from autograder import grade_functions
 from llmopt import flash_attention as ref
 
 LAB = "lab04_flash_attention"
 CHECKS = {
+    "block_sizes": ref.block_sizes,
+    "softmax_triton": ref.softmax_triton,
     "merge_softmax_stats": ref.merge_softmax_stats,
     "online_softmax": ref.online_softmax,
     "flash_attention_v1_torch": ref.flash_attention_v1_torch,
@@ -46,6 +50,98 @@ def test_reference_passes(seed):
 def test_stub_fails(name):
     result = grade(name, stub)
     assert result.passed == 0 and "NotImplementedError" in result.messages[0]
+
+
+# --- part 1: the lecture's block sizes -------------------------------------------------------
+
+def blocks(ceil=True, in_bytes=False, use_min=True, paren=True, swap=False, fraction=False):
+    import math
+
+    def fn(sram_bytes, d, bytes_per_el=4):
+        M = sram_bytes if in_bytes else sram_bytes // bytes_per_el
+        x = M / (4 * d) if paren else M / 4 * d
+        B_c = x if fraction else math.ceil(x) if ceil else math.floor(x)
+        B_r = min(B_c, d) if use_min else B_c
+        return (B_c, B_r) if swap else (B_r, B_c)
+    return fn
+
+
+def test_block_sizes_helper_is_right_without_mistakes():
+    assert grade("block_sizes", blocks()).ok
+
+
+@pytest.mark.parametrize("bug,text", [(dict(ceil=False), "rounds up"),
+                                      (dict(in_bytes=True), "numbers, not bytes"),
+                                      (dict(use_min=False), "min(⌈M / 4d⌉, d)"),
+                                      (dict(paren=False), "divides by 4d"),
+                                      (dict(swap=True), "the order is (B_r, B_c)"),
+                                      (dict(fraction=True), "whole numbers")])
+def test_block_size_mistakes_fail(bug, text):
+    for seed in (0, 1):
+        assert failed_with(grade("block_sizes", blocks(**bug), seed), text)
+
+
+# --- part 4: the warm-up Triton kernel, with one mistake each ---------------------------------
+
+@triton.jit
+def _softmax_variant(X, Y, n_cols, stride, BLOCK_N: tl.constexpr, TAIL: tl.constexpr,
+                     RESCALE: tl.constexpr, UPCAST: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_N)
+    m = tl.full([], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([], dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK_N):
+        cols = start + offs
+        x = tl.load(X + row * stride + cols, mask=cols < n_cols, other=TAIL)
+        if UPCAST:
+            x = x.to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        if RESCALE:
+            l = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        else:
+            l = l + tl.sum(tl.exp(x - m_new), 0)
+        m = m_new
+    for start in range(0, n_cols, BLOCK_N):
+        cols = start + offs
+        x = tl.load(X + row * stride + cols, mask=cols < n_cols, other=TAIL)
+        if UPCAST:
+            x = x.to(tl.float32)
+        tl.store(Y + row * stride + cols, (tl.exp(x - m) / l).to(Y.dtype.element_ty), mask=cols < n_cols)
+
+
+def softmax_variant(tail=float("-inf"), rescale=True, upcast=True):
+    def fn(x, block_size=64):
+        n = x.shape[-1]
+        x2 = x.reshape(-1, n).contiguous()
+        y = torch.empty_like(x2)
+        _softmax_variant[(x2.shape[0],)](x2, y, n, x2.stride(0), BLOCK_N=block_size, TAIL=tail,
+                                         RESCALE=rescale, UPCAST=upcast)
+        return y.reshape(x.shape)
+    return fn
+
+
+def test_softmax_variant_is_right_without_mistakes():
+    assert grade("softmax_triton", softmax_variant()).ok
+
+
+def test_softmax_tail_filled_with_zero_fails():
+    assert failed_with(grade("softmax_triton", softmax_variant(tail=0.0)), "-inf")
+
+
+def test_softmax_without_rescaling_l_fails():
+    assert failed_with(grade("softmax_triton", softmax_variant(rescale=False)), "ℓ must be rescaled")
+
+
+def test_softmax_bf16_without_upcast_fails_in_the_interpreter():
+    if not ref._interpreting():
+        pytest.skip("bf16 tiles are only wrong in Triton's CPU interpreter")
+    assert failed_with(grade("softmax_triton", softmax_variant(upcast=False)), "fp32 right after tl.load")
+
+
+def test_softmax_without_a_kernel_fails_in_the_kernel_too():
+    """torch's softmax: right values, no launch (the trusted failure is the METHOD rule below)."""
+    r = grade("softmax_triton", lambda x, block_size=64: torch.softmax(x.float(), -1).to(x.dtype))
+    assert r.passed == 0 and all("no Triton kernel was launched" in m for m in r.messages), r.messages
 
 
 # --- mutants: a tiled forward with one mistake each ---------------------------------------
@@ -290,8 +386,9 @@ from autograder import static  # noqa: E402
 from autograder.notebook import cell_source, grade_cells, nbgrader_meta  # noqa: E402
 
 SOLUTION = pathlib.Path(__file__).parents[2] / "solutions" / LAB / f"{LAB}.ipynb"
-TRITON_CHECKS = {"flash_attention_fwd", "flash_attention_fwd_causal", "flash_attention",
-                 "flash_attention_saved"}
+ATTENTION_CHECKS = {"flash_attention_fwd", "flash_attention_fwd_causal", "flash_attention",
+                    "flash_attention_saved"}
+TRITON_CHECKS = ATTENTION_CHECKS | {"softmax_triton"}
 
 
 def solution_nb():
@@ -315,9 +412,9 @@ def add_cell(nb, source, before="flash_attention_fwd_impl"):
 
 
 def fwd_body(nb, body):
-    """flash_attention_fwd with ``body`` in place of its solution."""
-    return edit(nb, "flash_attention_fwd_impl", lambda src: re.sub(
-        r"[ \t]*### BEGIN SOLUTION.*### END SOLUTION", lambda m: body.strip("\n"), src, flags=re.S))
+    """flash_attention_fwd (the whole answer cell, given launcher included) with ``body``."""
+    return edit(nb, "flash_attention_fwd_impl", lambda src: (
+        "def flash_attention_fwd(q, k, v, causal=False, scale=None):\n" + body.strip("\n") + "\n"))
 
 
 def stubbed(nb):
@@ -353,7 +450,10 @@ def test_reference_solution_follows_the_method():
 def test_release_stubs_fail_the_triton_parts():
     out = verdicts(stubbed(solution_nb()))
     assert set(out) == TRITON_CHECKS
-    assert all("launches no Triton kernel of your own" in m for m in out.values()), out
+    # the forward's launcher is given but its grid is the student's line: undefined in the release
+    for check, m in out.items():
+        assert "launches no Triton kernel of your own" in m or (
+            check.startswith("flash_attention_fwd") and "uses grid" in m), (check, m)
 
 
 def test_no_triton_at_all_keeps_at_most_40_percent():
@@ -367,7 +467,7 @@ def test_no_triton_at_all_keeps_at_most_40_percent():
         "def flash_attention(q, k, v, causal=False, scale=None):\n"
         "    return attention_naive(q, k, v, causal, scale)\n"))
     out = verdicts(nb)
-    assert set(out) == TRITON_CHECKS
+    assert set(out) == ATTENTION_CHECKS
     assert all("launches no Triton kernel of your own" in m for m in out.values()), out
     kept = sum(gc.points * sum(c not in out for c in gc.checks) / len(gc.checks)
                for gc in grade_cells(solution_nb()))
@@ -394,7 +494,7 @@ def test_sdpa_inside_the_triton_parts_fails(variant):
     nb = fwd_body(nb, LAUNCH + f"    o = {call}(q, k, v, is_causal=causal, scale=scale)\n"
                                "    return o, lse\n")
     out = verdicts(nb)
-    assert set(out) == TRITON_CHECKS, out
+    assert set(out) == ATTENTION_CHECKS, out
     text = "computed name" if variant == "computed_getattr" else "scaled_dot_product_attention"
     assert all(text in m for m in out.values()), out
 
@@ -414,7 +514,7 @@ def test_dummy_kernel_with_torch_attention_fails():
     return (torch.softmax(s, -1) @ v.float()).to(q.dtype), torch.logsumexp(s, -1)
 """)
     out = verdicts(nb)
-    assert set(out) == TRITON_CHECKS
+    assert set(out) == ATTENTION_CHECKS
     assert all("the @ operator" in m and "inside your @triton.jit kernels" in m for m in out.values()), out
 
 
@@ -422,7 +522,7 @@ def test_torch_tiled_forward_behind_a_kernel_launch_fails():
     """The Triton forward returns part 3's PyTorch result after launching the real kernel."""
     nb = fwd_body(solution_nb(), LAUNCH + "    return flash_attention_torch(q, k, v, causal)\n")
     out = verdicts(nb)
-    assert set(out) == TRITON_CHECKS
+    assert set(out) == ATTENTION_CHECKS
     assert all("(in flash_attention_torch)" in m for m in out.values()), out
 
 
@@ -431,6 +531,50 @@ def test_reference_library_kernel_fails():
     nb = fwd_body(nb, "    return _fwd(q, k, v, causal, scale)\n")
     out = verdicts(nb)
     assert "llmopt.flash_attention.flash_attention_fwd" in out["flash_attention_fwd"], out
+
+
+def test_release_skeleton_launches_no_kernel_of_its_own():
+    """The release's forward skeleton launches a kernel with loads and stores but no tl.dot:
+    it is not the student's kernel yet."""
+    nb = stubbed(solution_nb())
+    launcher = next(cell_source(c) for c in solution_nb()["cells"]
+                    if nbgrader_meta(c).get("grade_id") == "flash_attention_fwd_impl")
+    out = verdicts(edit(nb, "flash_attention_fwd_impl", lambda src: launcher))
+    for check in ("flash_attention_fwd", "flash_attention_fwd_causal"):
+        assert "launches no Triton kernel of your own" in out[check] and "tl.dot" in out[check], out
+
+
+def softmax_answer(nb, source):
+    return edit(nb, "softmax_triton_impl", lambda src: source)
+
+
+def test_softmax_triton_without_a_kernel_fails():
+    nb = softmax_answer(solution_nb(), "def softmax_triton(x, block_size=64):\n"
+                                       "    return torch.softmax(x, -1)\n")
+    out = verdicts(nb)
+    assert set(out) == {"softmax_triton"} and "launches no Triton kernel of your own" in out["softmax_triton"], out
+
+
+@pytest.mark.parametrize("shortcut,text", [
+    ("torch.softmax(x2, -1)", "softmax"),
+    ("x2.exp() / x2.exp().sum(-1, keepdim=True)", "exp"),
+    ("torch.nn.functional.softmax(x2, -1)", "torch.nn"),
+])
+def test_softmax_triton_with_torch_after_a_launch_fails(shortcut, text):
+    """The real kernel is launched, but the returned values come from torch."""
+    nb = solution_nb()
+    src = next(cell_source(c) for c in nb["cells"] if nbgrader_meta(c).get("grade_id") == "softmax_triton_impl")
+    src = src.replace("    return y.reshape(x.shape)", f"    y = {shortcut}\n    return y.reshape(x.shape)")
+    out = verdicts(softmax_answer(nb, src))
+    assert set(out) == {"softmax_triton"} and text in out["softmax_triton"], out
+
+
+def test_softmax_kernel_that_calls_torch_fails():
+    nb = solution_nb()
+    src = next(cell_source(c) for c in nb["cells"] if nbgrader_meta(c).get("grade_id") == "softmax_triton_impl")
+    src = src.replace("tl.exp(x - m) / l", "torch.exp(x - m) / l")
+    out = verdicts(softmax_answer(nb, src))
+    assert "uses torch.exp: a kernel may only use triton.language" in out["softmax_triton"], out
 
 
 def test_torch_parts_must_not_call_softmax():

@@ -5,12 +5,17 @@ Dao et al., "FlashAttention: Fast and Memory-Efficient Exact Attention with IO-A
 Work Partitioning" (2023); the lecture's section "Flash Attention" (lab04_flash_attention).
 
 Standard attention writes S = QKᵀ/√d and P = softmax(S), both N×N, to HBM and reads them
-back: O(N²) memory traffic and memory. FlashAttention keeps a block of Q, K and V in SRAM,
-computes its block of S there and folds it into the output with the online softmax:
+back: O(N²) memory traffic and O(N²) extra memory. FlashAttention keeps a block of Q, K and V
+in SRAM, computes its block of S there and folds it into the output with the online softmax.
+Its extra memory is O(N) (O and L); its HBM traffic still grows with N² (K and V are read once
+per block of B_r query rows: 2N²d/B_r elements against standard attention's 4N², i.e. 2B_r/d
+times fewer at large N). The online softmax that makes the tiling exact:
 
     m(x) = max_i x_i,  f(x) = e^{x - m(x)},  ℓ(x) = Σ f(x)
     m([x¹ x²]) = max(m¹, m²),  ℓ([x¹ x²]) = e^{m¹-m}ℓ¹ + e^{m²-m}ℓ²
 
+- ``block_sizes``: the lecture's step 1, block sizes from the SRAM size M (in numbers):
+  B_c = ⌈M/4d⌉, B_r = min(⌈M/4d⌉, d).
 - ``attention_reference``: the standard algorithm (materialises S and P); the spec.
 - ``flash_attention_v1_torch``: the lecture's algorithm (FA1): outer loop over K_j, V_j,
   inner loop over Q_i; O_i, ℓ_i, m_i read from and written back to "HBM" at every step,
@@ -19,6 +24,8 @@ computes its block of S there and folds it into the output with the online softm
   over K_j, V_j; the unnormalised Õ is rescaled only by e^{m_old - m_new} and divided by
   ℓ once at the end; it returns O and the log-sum-exp L = m + log ℓ, which is all the
   backward needs.
+- ``softmax_triton``: a warm-up Triton kernel, the online softmax of ``online_softmax`` (its
+  PyTorch twin, same signature) over the rows of a matrix, one program per row, columns in tiles.
 - ``flash_attention``: the same in Triton, an ``autograd.Function`` whose backward saves
   only Q, K, V, O and L (shape (B, H, N)) and recomputes P = exp(S - L) block by block.
   Forward and backward run in the CPU interpreter too (``import llmopt`` turns it on);
@@ -40,6 +47,17 @@ import triton.language as tl
 # --------------------------------------------------------------------------------------
 # The specification and the PyTorch versions
 # --------------------------------------------------------------------------------------
+
+
+def block_sizes(sram_bytes, d, bytes_per_el=4):
+    """The lecture's step 1: block sizes for an SRAM of M = sram_bytes // bytes_per_el numbers,
+    B_c = ⌈M / 4d⌉ and B_r = min(⌈M / 4d⌉, d). Returns (B_r, B_c) = (block_q, block_k).
+
+    4·B_c·d ≤ M (up to the rounding): K_j, V_j, Q_i and O_i (each ≤ B_c × d) fit together.
+    H100/H200: 228 KiB of shared memory per SM; in fp32 and d = 64, (B_r, B_c) = (64, 228)."""
+    M = sram_bytes // bytes_per_el
+    B_c = -(-M // (4 * d))                                              # ⌈M / 4d⌉
+    return min(B_c, d), B_c
 
 
 def attention_reference(q, k, v, causal=False, scale=None):
@@ -152,6 +170,39 @@ def flash_attention_torch(q, k, v, causal=False, block_q=64, block_k=64):
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _softmax_kernel(X, Y, n_cols, stride_x, stride_y, BLOCK_N: tl.constexpr):
+    """One program per row: pass 1 folds the row's tiles into (m, ℓ) with the online merge,
+    pass 2 writes e^{x - m}/ℓ tile by tile. Tiles are fp32 after tl.load."""
+    row = tl.program_id(0)
+    x_row = X + row * stride_x
+    y_row = Y + row * stride_y
+    offs = tl.arange(0, BLOCK_N)
+    m = tl.full([], float("-inf"), dtype=tl.float32)                    # the empty state
+    l = tl.zeros([], dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK_N):
+        cols = start + offs
+        x = tl.load(x_row + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 0))                             # -inf tail: e^-inf = 0
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        m = m_new
+    for start in range(0, n_cols, BLOCK_N):
+        cols = start + offs
+        x = tl.load(x_row + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        y = tl.exp(x - m) / l
+        tl.store(y_row + cols, y.to(Y.dtype.element_ty), mask=cols < n_cols)
+
+
+def softmax_triton(x, block_size=64):
+    """softmax(x, dim=-1) with ``_softmax_kernel``: the Triton twin of ``online_softmax``.
+    ``block_size`` (a power of two) is the width of a column tile."""
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n).contiguous()                                  # (rows, n)
+    y = torch.empty_like(x2)
+    _softmax_kernel[(x2.shape[0],)](x2, y, n, x2.stride(0), y.stride(0), BLOCK_N=block_size)
+    return y.reshape(x.shape)
 
 
 @triton.jit

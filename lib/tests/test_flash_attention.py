@@ -9,6 +9,7 @@ import torch
 import llmopt  # noqa: F401  (sets TRITON_INTERPRET=1 without a GPU)
 from llmopt.flash_attention import (
     attention_reference,
+    block_sizes,
     flash_attention,
     flash_attention_bwd,
     flash_attention_fwd,
@@ -18,6 +19,7 @@ from llmopt.flash_attention import (
     merge_softmax_stats,
     online_softmax,
     softmax_stats,
+    softmax_triton,
     standard_attention_hbm_bytes,
 )
 from llmopt.testing import assert_close
@@ -66,6 +68,31 @@ def test_online_softmax_and_merge():
     mm, ll = merge_softmax_stats(ninf, torch.zeros_like(l1), m1, l1)
     assert_close(mm, m1)
     assert_close(ll, l1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_softmax_triton_matches_its_torch_twin(dtype):
+    """The warm-up kernel and online_softmax (same signature) agree with softmax."""
+    g = torch.Generator().manual_seed(0)
+    for shape, block in (((5, 137), 32), ((2, 3, 50), 16), ((4, 7), 64), ((3, 64), 64)):
+        x = (torch.randn(shape, generator=g) * 20).to(DEVICE, dtype)
+        want = torch.softmax(x.double(), -1)
+        got = softmax_triton(x, block)
+        assert got.dtype == dtype and got.shape == x.shape
+        _close(got, want, dtype, f"softmax_triton {shape}")
+        _close(online_softmax(x.double(), block), want, torch.float32, "online_softmax")
+
+
+def test_block_sizes_follow_the_lecture():
+    # H100/H200: 228 KiB of shared memory per SM
+    assert block_sizes(228 * 1024, 64, 4) == (64, 228)
+    assert block_sizes(228 * 1024, 128, 4) == (114, 114)
+    assert block_sizes(228 * 1024, 128, 2) == (128, 228)
+    assert block_sizes(1000, 48, 4) == (2, 2)           # ⌈250 / 192⌉ = 2
+    for sram, d, b in ((228 * 1024, 64, 2), (100 * 1024, 80, 4), (4096, 16, 2)):
+        B_r, B_c = block_sizes(sram, d, b)
+        M = sram // b
+        assert (B_c - 1) * 4 * d < M <= B_c * 4 * d and B_r == min(B_c, d)
 
 
 @pytest.mark.parametrize("N,bq,bk", [(1, 16, 16), (50, 16, 8), (67, 32, 64)])
