@@ -34,8 +34,11 @@ OPT_125M = dict(vocab_size=50272, max_position_embeddings=2048, n_layer=12, n_he
 
 def attention_rows(contexts, S=64, H=32, d=128, B=16, dtype=torch.bfloat16, device="cuda"):
     rows = []
-    configs = [(64, 4, 1), (128, 4, 1), (128, 2, 1), (256, 4, 1), (256, 8, 1),
-               (128, 4, 2), (128, 4, 4), (256, 8, 2), (256, 4, 4), (128, 2, 4), (64, 2, 8)]
+    configs = [(64, 4, 1), (128, 4, 1), (128, 4, 2), (64, 2, 8), (32, 2, 8), (32, 1, 8),
+               (32, 1, 16), (16, 1, 16)]
+    configs = [(*c, None) for c in configs] + [
+        (64, 2, 8, 4), (32, 1, 8, 4), (32, 1, 8, 3), (32, 1, 8, 5), (32, 1, 4, 4), (32, 1, 16, 4),
+        (16, 1, 8, 4), (16, 1, 16, 4), (64, 1, 8, 4)]
     for n in contexts:
         nb = S * (n // B)
         g = torch.Generator(device=device).manual_seed(n)
@@ -50,17 +53,19 @@ def attention_rows(contexts, S=64, H=32, d=128, B=16, dtype=torch.bfloat16, devi
         expected = sdpa()[:, :, 0]
         ms_sdpa = time_ms(sdpa, warmup=5, rep=50)
         best = None
-        for block_n, warps, splits in configs:
+        for block_n, warps, splits, stages in configs:
             o = torch.empty_like(q)
-            run = lambda: pa._launch(q, kc, vc, o, tables, lens, d ** -0.5, block_n, warps, splits)  # noqa: E731
+            run = lambda: pa._launch(q, kc, vc, o, tables, lens, d ** -0.5, block_n, warps, splits,  # noqa: E731
+                                     stages)
             run()
             err = (o.float() - expected.float()).abs().max().item()
             ms = time_ms(run, warmup=5, rep=50)
             rows.append(dict(part="attention", context=n, batch=S, heads=H, head_dim=d, block_size=B,
                              dtype=str(dtype)[6:], ms=ms, max_abs_err=err,
-                             impl=f"triton paged (BLOCK_N={block_n}, warps={warps}, splits={splits})"))
+                             impl=f"triton paged (BLOCK_N={block_n}, warps={warps}, splits={splits}"
+                                  + ("" if stages is None else f", stages={stages}") + ")"))
             if best is None or ms < best[0]:
-                best = (ms, (block_n, warps, splits), err)
+                best = (ms, (block_n, warps, splits, stages), err)
         nbytes = 2 * S * n * H * d * kc.element_size()
         rows.append(dict(part="attention", context=n, batch=S, heads=H, head_dim=d, block_size=B,
                          dtype=str(dtype)[6:], impl="sdpa contiguous", ms=ms_sdpa,
@@ -69,10 +74,11 @@ def attention_rows(contexts, S=64, H=32, d=128, B=16, dtype=torch.bfloat16, devi
                          dtype=str(dtype)[6:], impl="triton paged (best)", ms=best[0],
                          config=list(best[1]), max_abs_err=best[2], gbps=gbps(nbytes, best[0]),
                          speedup_vs_sdpa=ms_sdpa / best[0]))
-        default = [r for r in rows if r["context"] == n and r["impl"].startswith(
-            "triton paged (BLOCK_N=%d, warps=%d, splits=%d)" % pa._config(n))]
+        bn, w, sp, st = pa._config(n)
+        default = [r for r in rows if r["context"] == n and r["impl"] == (
+            f"triton paged (BLOCK_N={bn}, warps={w}, splits={sp}" + ("" if st is None else f", stages={st}") + ")")]
         print(f"context {n:5d}: sdpa {ms_sdpa:.3f} ms, triton paged {best[0]:.3f} ms "
-              f"(BLOCK_N, warps, splits = {best[1]}) = {ms_sdpa / best[0]:.2f}x, "
+              f"(BLOCK_N, warps, splits, stages = {best[1]}) = {ms_sdpa / best[0]:.2f}x, "
               f"{gbps(nbytes, best[0]):.0f} GB/s, max err {best[2]:.3g}; library default {pa._config(n)}: "
               f"{ms_sdpa / default[0]['ms']:.2f}x", flush=True)
         del k, v, kc, vc
@@ -147,6 +153,23 @@ def serve_rows(device, dtype, n_req, max_batch, quick=False):
     print(f"serve {n_req} requests, {tokens} output tokens: continuous {tokens / t_cont:.0f} tok/s, "
           f"static {tokens / t_static:.0f} tok/s = {t_static / t_cont:.2f}x (same tokens: {same})",
           flush=True)
+    # equal KV memory (the vLLM paper's setting): static batching reserves max_len = 2,048
+    # token slots per sequence, so a KV budget of max_batch × 2,048 slots runs max_batch
+    # sequences at a time; the paged cache gives the same budget as blocks of 16 and admits
+    # as many sequences as their real tokens fit (no cap on the batch).
+    budget_blocks = max_batch * 2048 // 16
+    paged, t_paged = timed(lambda: pa.serve(model, prompts, n_new, num_blocks=budget_blocks,
+                                             attention=attn))
+    same_mem = all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(paged, static))
+    rows.append(dict(part="serve_equal_memory", impl="continuous batching, paged, batch not capped",
+                     requests=n_req, kv_token_slots=max_batch * 2048, output_tokens=tokens,
+                     seconds=t_paged, tokens_per_s=tokens / t_paged,
+                     speedup_vs_static=t_static / t_paged, same_tokens_as_static=same_mem))
+    rows.append(dict(part="serve_equal_memory", impl=f"static batching, {max_batch} x 2048 reserved",
+                     requests=n_req, kv_token_slots=max_batch * 2048, output_tokens=tokens,
+                     seconds=t_static, tokens_per_s=tokens / t_static))
+    print(f"equal KV memory ({max_batch} x 2048 slots): continuous+paged {tokens / t_paged:.0f} tok/s "
+          f"= {t_static / t_paged:.2f}x static (same tokens: {same_mem})", flush=True)
     # utilization of the blocks in use, sampled at every pass of a continuous run (not timed)
     RecordingCache.samples = []
     saved, pa.PagedKVCache = pa.PagedKVCache, RecordingCache
@@ -174,7 +197,7 @@ def main():
     rows = memory_rows()
     path = write_results("paged_attention", rows, out_dir=args.out, note=note)
     if torch.cuda.is_available():
-        contexts = [1024, 8192] if args.quick else [1024, 2048, 4096, 8192]
+        contexts = [1024, 8192] if args.quick else [512, 1024, 2048, 4096, 8192]
         rows += attention_rows(contexts)
         path = write_results("paged_attention", rows, out_dir=args.out, note=note)  # kept if serve runs out of time
         rows += serve_rows("cuda", torch.bfloat16, 64 if args.quick else args.requests, 64, args.quick)

@@ -98,28 +98,28 @@ def moe_grouped(x, weights, experts, w1, w2, w3, use_grouped_mm: bool | None = N
     E = w1.shape[0]
     flat = experts.reshape(-1)                                    # (N·k,) expert of each pair
     order = torch.argsort(flat, stable=True)                      # pairs sorted by expert
-    token = order // k                                            # the token of each sorted pair
-    xs = x[token]                                                 # (N·k, d), expert by expert
+    xs = x[order // k]                                            # (N·k, d), expert by expert
+    counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(
+        0, flat, torch.ones_like(flat))                           # (E,) pairs per expert, no host sync
     if use_grouped_mm is None:
         use_grouped_mm = _grouped_mm_ok(x, w1)
     if use_grouped_mm:
-        counts = torch.bincount(flat, minlength=E)
         offs = torch.cumsum(counts, 0).to(torch.int32)            # end of each expert's rows
         g = torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs)  # (N·k, d_ff), gate
         u = torch._grouped_mm(xs, w3.transpose(1, 2), offs=offs)  # (N·k, d_ff), up
-        ys = torch._grouped_mm(F.silu(g) * u, w2.transpose(1, 2), offs=offs)  # (N·k, d)
+        h = F.silu(g) * u if torch.is_grad_enabled() else F.silu(g, inplace=True).mul_(u)
+        ys = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)  # (N·k, d)
     else:
-        counts = torch.bincount(flat, minlength=E).tolist()
         ys = torch.empty_like(xs)
         start = 0
-        for e, n_e in enumerate(counts):                          # one matmul per expert
+        for e, n_e in enumerate(counts.tolist()):                 # one matmul per expert
             if n_e:
                 ys[start:start + n_e] = swiglu(xs[start:start + n_e], w1[e], w2[e], w3[e])
             start += n_e
-    ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)       # (N·k, d) weighted
-    out = torch.empty_like(ys)
-    out[order] = ys                                               # undo the sort: pair order
-    return out.view(N, k, -1).sum(1).to(x.dtype)                  # (N, d)
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel(), device=order.device)  # where each pair went
+    ys = ys[inv].view(N, k, -1)                                   # (N, k, d): undo the sort
+    return (ys * weights[..., None].to(ys.dtype)).sum(1).to(x.dtype)   # (N, d) Σ_j w_j · SwiGLU_j
 
 
 # --------------------------------------------------------------------------- capacity

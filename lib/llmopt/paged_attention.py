@@ -355,23 +355,24 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scal
     o = torch.empty_like(q)
     if S == 0:
         return o
-    block_n, num_warps, splits = (64, 4, 1) if _interpreting() else _config(tables.shape[1] * B)
+    block_n, num_warps, splits, stages = (64, 4, 1, None) if _interpreting() else _config(tables.shape[1] * B)
     _launch(q, k_cache, v_cache, o, tables, lens, scale, max(triton.next_power_of_2(B), block_n),
-            num_warps, splits)
+            num_warps, splits, stages)
     return o
 
 
-def _config(width: int) -> tuple[int, int, int]:
-    """(tokens per step, warps, splits) by the longest context the tables can hold: the best of
-    bench/paged_attention.py's sweep on an H200 (batch 64, 32 heads of 128, bf16)."""
+def _config(width: int) -> tuple[int, int, int, int | None]:
+    """(tokens per step, warps, splits, pipeline stages) by the longest context the tables can
+    hold: the best of bench/paged_attention.py's sweep on an H200 (batch 64, 32 heads of 128,
+    bf16). Decode reads each K/V row once, so small tiles on one warp with 8 slices per row
+    (flash-decoding) keep the most loads in flight."""
     if width >= 2048:
-        return 64, 2, 8   # flash-decoding: 8 slices per row, merged by _paged_combine_kernel
-    if width >= 1024:
-        return 128, 4, 2
-    return 128, 4, 1
+        return 32, 1, 8, 4   # 8 slices per row, merged by _paged_combine_kernel
+    return 32, 1, 4, 4
 
 
-def _launch(q, k_cache, v_cache, o, tables, lens, scale, block_n, num_warps, splits=1):
+def _launch(q, k_cache, v_cache, o, tables, lens, scale, block_n, num_warps, splits=1,
+            num_stages=None):
     S, H, d = q.shape
     block_d = triton.next_power_of_2(d)
     part = (torch.empty(S, H, splits, block_d + 2, device=q.device, dtype=torch.float32)
@@ -381,7 +382,8 @@ def _launch(q, k_cache, v_cache, o, tables, lens, scale, block_n, num_warps, spl
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         tables.stride(0), o.stride(0), o.stride(1), H,
         BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n,
-        NUM_SPLITS=splits, UPCAST=_interpreting() or q.dtype == torch.float32, num_warps=num_warps)
+        NUM_SPLITS=splits, UPCAST=_interpreting() or q.dtype == torch.float32, num_warps=num_warps,
+        **({} if num_stages is None else {"num_stages": num_stages}))
     if splits > 1:
         _paged_combine_kernel[(S, H)](part, o, o.stride(0), o.stride(1), H, HEAD_DIM=d,
                                       BLOCK_D=block_d, NUM_SPLITS=splits)

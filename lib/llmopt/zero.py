@@ -165,16 +165,18 @@ class _Unit:
             p.grad = None
         out = torch.empty(self.S, dtype=full.dtype, device=full.device)
         if async_op:
-            self.reducing = (reduce_scatter_flat(out, full, async_op=True), out)
+            self.reducing = (reduce_scatter_flat(out, full, async_op=True), out, full)
         else:
             reduce_scatter_flat(out, full)
+            _free(full)                          # now, not when the collective's stash lets go
             self._accumulate(out)
         self.pending = 0
 
     def finish_reduce(self):
         if self.reducing is not None:
-            work, out = self.reducing
-            work.wait()
+            work, out, full = self.reducing
+            work.wait()                          # the compute stream waits for the reduction
+            _free(full)
             self.reducing = None
             self._accumulate(out)
 
