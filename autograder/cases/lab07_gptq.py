@@ -2,7 +2,8 @@
 
 Weights are float64 so that a correct implementation lands on the same grid points as the
 reference (GPTQ rounds, and a rounding decision can flip on a difference in the last bit).
-The model check uses a small randomly initialised HF ``OPTForCausalLM``.
+The model check uses a small randomly initialised HF ``OPTForCausalLM``. ``pack_codes`` gets
+random integer codes of 2–8 bits, including streams that end inside a byte.
 """
 from __future__ import annotations
 
@@ -41,6 +42,21 @@ def run_quantize_rtn(fn, case: dict) -> dict:
     W_hat, scale, zero = fn(case["W"].clone(), bits=case["bits"], group_size=case["group_size"],
                             sym=case["sym"])
     return {"W_hat": W_hat, "scale": scale, "zero": zero}
+
+
+# --- pack_codes(codes, bits) -> uint8 bytes ------------------------------------------------
+
+def inputs_pack_codes(seed: int) -> list[dict]:
+    g = _gen(seed * 1000 + 7)
+    cases = []
+    for bits, shape in ((4, (6, 16)), (3, (7, 9)), (2, (5, 5)), (5, (3, 11)), (8, (2, 8)),
+                        (7, (1, 13)), (6, (4, 4)), (3, (1, 1))):
+        cases.append(dict(codes=torch.randint(0, 2 ** bits, shape, generator=g), bits=bits))
+    return cases
+
+
+def run_pack_codes(fn, case: dict) -> dict:
+    return {"packed": torch.as_tensor(fn(case["codes"].clone(), case["bits"]))}
 
 
 # --- obs_update(w, Hinv, q, target) -> (w_new, L) -----------------------------------------

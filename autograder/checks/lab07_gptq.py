@@ -5,6 +5,8 @@ rarely, round one weight to the neighbouring grid point and then compensate a li
 differently. The checks therefore ask for: every output on its own grid, the grid (scale,
 zero) as the reference fits it, at most ``MAX_MISMATCH`` of the weights on another grid
 point than the reference's, and a layer error within ``ERR_RTOL`` of the reference's.
+``pack_codes`` is exact (bytes); its messages name the layout mistake (bit order inside a code
+or a byte, column-major order, rows padded separately, a byte per code, the last byte dropped).
 The messages name the symptom and, where one fits, the usual mistake (course/mistakes.md).
 """
 from __future__ import annotations
@@ -148,6 +150,67 @@ def verify_quantize_rtn(case: dict, out: dict) -> str | None:
     return None
 
 
+def _stream_bytes(codes: torch.Tensor, bits: int, code_lsb_first=True, byte_lsb_first=True):
+    """``codes`` packed as one bit stream, in the given bit orders (the reference: both True)."""
+    flat = codes.reshape(-1).long()
+    shifts = torch.arange(bits) if code_lsb_first else torch.arange(bits - 1, -1, -1)
+    stream = ((flat[:, None] >> shifts) & 1).reshape(-1)
+    stream = torch.cat([stream, stream.new_zeros((-stream.numel()) % 8)]).reshape(-1, 8)
+    weights = 2 ** (torch.arange(8) if byte_lsb_first else torch.arange(7, -1, -1))
+    return (stream * weights).sum(1)
+
+
+def verify_pack_codes(case: dict, out: dict) -> str | None:
+    codes, bits = case["codes"], case["bits"]
+    got = out["packed"]
+    n = codes.numel()
+    want = -(-n * bits // 8)
+    if got.dim() != 1 or got.numel() != want:
+        rows, cols = codes.shape
+        hint = ""
+        if got.numel() == n:
+            hint = " — one byte per code: put the bits of consecutive codes into the same bytes"
+        elif got.numel() == rows * -(-cols * bits // 8) and rows > 1:
+            hint = (" — each row was padded to whole bytes: the whole tensor is one stream "
+                    "(codes.reshape(-1)), padded once at its end")
+        elif got.numel() == n * bits // 8:
+            hint = " — the last, partial byte is missing: pad the stream with zero bits to whole bytes"
+        elif got.numel() == n * bits:
+            hint = " — one entry per bit: group every 8 bits of the stream into one byte"
+        return (f"packed: shape {tuple(got.shape)}, expected ({want},) — ceil(numel·bits/8) = "
+                f"ceil({n}·{bits}/8) bytes{hint}")
+    if got.dtype != torch.uint8:
+        return f"packed: dtype {got.dtype}, expected torch.uint8 (one byte per entry)"
+    got = got.long()
+    exp = _stream_bytes(codes, bits)
+    if torch.equal(got, exp):
+        return None
+    bad = (got != exp)
+    msg = (f"packed: {int(bad.sum())} of {want} bytes differ from the expected layout "
+           f"(first at byte {int(bad.nonzero()[0])}, {bits} bits per code)")
+    variants = [
+        (_stream_bytes(codes, bits, code_lsb_first=False),
+         " — each code's bits are in the wrong order: its least significant bit comes first "
+         "in the stream"),
+        (_stream_bytes(codes, bits, byte_lsb_first=False),
+         " — the bits inside each byte are in the wrong order: stream bit t is worth "
+         "2**(t mod 8) in byte t // 8 (numpy.packbits: bitorder='little')"),
+        (_stream_bytes(codes, bits, code_lsb_first=False, byte_lsb_first=False),
+         " — the stream is written most significant bit first: the layout is little-endian "
+         "throughout (a code's lowest bit first, the first stream bit worth 1)"),
+        (_stream_bytes(codes.T.contiguous(), bits),
+         " — the codes were taken column by column: use row-major order, codes.reshape(-1)"),
+    ]
+    for v, hint in variants:
+        if torch.equal(got, v):
+            return msg + hint
+    if (got >= 2 ** 8).any() or (got < 0).any():
+        return msg + " — bytes must be 0..255"
+    return msg + (" — code i holds stream bits i·bits … i·bits + bits − 1, least significant "
+                  "first; stream bit t is bit t mod 8 of byte t // 8; the last byte is padded "
+                  "with zero bits")
+
+
 def verify_obs_update(case: dict, out: dict) -> str | None:
     msg = _not_finite(out)
     if msg:
@@ -281,6 +344,7 @@ _CHOLESKY = ("torch.linalg.cholesky", "torch.linalg.cholesky_ex", "torch.cholesk
              "torch.cholesky_inverse")
 METHOD = {
     "quantize_rtn": _OWN_CODE,
+    "pack_codes": _OWN_CODE,
     "obs_update": _OWN_CODE,
     "obs_quantize_columns": _OWN_CODE,
     "gptq_quantize": _OWN_CODE + [
@@ -317,6 +381,7 @@ def _model_outputs(inp):
 
 OUTPUTS = {
     "quantize_rtn": _quantized,
+    "pack_codes": lambda inp: {"packed": ("int", (None,))},
     "obs_update": lambda inp: {"w_new": ("float", tuple(inp["w"].shape)), "L": ("float", ())},
     "obs_quantize_columns": _quantized,
     "gptq_quantize": _quantized,

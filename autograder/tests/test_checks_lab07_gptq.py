@@ -143,6 +143,64 @@ def test_quantize_rtn_both_ways():
     assert not r.ok and any("(rows, n_groups)" in m or "expected (8, 1)" in m for m in r.messages), r.messages
 
 
+# --------------------------------------------------------------------------- pack_codes
+def _bits_of(codes, bits, lsb_first=True):
+    flat = codes.reshape(-1).long()
+    shifts = torch.arange(bits) if lsb_first else torch.arange(bits - 1, -1, -1)
+    return ((flat[:, None] >> shifts) & 1).reshape(-1)
+
+
+def _bytes_of(stream, lsb_first=True):
+    stream = torch.cat([stream, stream.new_zeros((-stream.numel()) % 8)]).reshape(-1, 8)
+    w = 2 ** (torch.arange(8) if lsb_first else torch.arange(7, -1, -1))
+    return (stream * w).sum(1).to(torch.uint8)
+
+
+def test_pack_codes_both_ways():
+    assert _grade("pack_codes", ref.pack_codes).ok
+    assert _grade("pack_codes", _stub).passed == 0
+
+    def numpy_little(codes, bits):                          # numpy's packbits, little-endian: correct
+        import numpy as np
+        stream = ((codes.reshape(-1, 1).numpy() >> np.arange(bits)) & 1).astype(np.uint8)
+        return torch.from_numpy(np.packbits(stream.reshape(-1), bitorder="little"))
+    assert _grade("pack_codes", numpy_little).ok
+
+
+@pytest.mark.parametrize("bug,hint", [
+    ("code_msb_first", "least significant bit comes first"),
+    ("byte_msb_first", "bitorder='little'"),
+    ("numpy_default", "most significant bit first"),
+    ("column_major", "row-major order"),
+    ("one_byte_per_code", "one byte per code"),
+    ("rows_padded", "each row was padded"),
+    ("last_byte_dropped", "the last, partial byte is missing"),
+    ("int64", "expected torch.uint8"),
+])
+def test_pack_codes_mistakes_fail(bug, hint):
+    def packed(codes, bits):
+        if bug == "code_msb_first":
+            return _bytes_of(_bits_of(codes, bits, lsb_first=False))
+        if bug == "byte_msb_first":
+            return _bytes_of(_bits_of(codes, bits), lsb_first=False)
+        if bug == "numpy_default":                          # np.packbits without bitorder
+            return _bytes_of(_bits_of(codes, bits, lsb_first=False), lsb_first=False)
+        if bug == "column_major":
+            return ref.pack_codes(codes.T.contiguous(), bits)
+        if bug == "one_byte_per_code":
+            return codes.reshape(-1).to(torch.uint8)
+        if bug == "rows_padded":
+            return torch.cat([ref.pack_codes(row, bits) for row in codes])
+        if bug == "last_byte_dropped":
+            return ref.pack_codes(codes, bits)[:codes.numel() * bits // 8]
+        if bug == "int64":
+            return ref.pack_codes(codes, bits).long()
+        raise AssertionError(bug)
+    r = _grade("pack_codes", packed)
+    assert not r.ok, f"{bug} passed"
+    assert any(hint in m for m in r.messages), (bug, r.messages)
+
+
 # --------------------------------------------------------------------------- obs_update
 def test_obs_update_both_ways():
     assert _grade("obs_update", ref.obs_update).ok
@@ -356,6 +414,15 @@ def test_other_parts_from_the_library_fail():
     assert "llmopt.gptq.obs_update" in _verdicts(nb)["obs_update"]
 
 
+def test_pack_codes_from_the_library_fails():
+    nb = _solution_nb()
+    for cell in nb["cells"]:
+        if nbgrader_meta(cell).get("grade_id") == "pack_codes_impl":
+            cell["source"] = ("from llmopt.gptq import pack_codes as _p\n\n\n"
+                              "def pack_codes(codes, bits):\n    return _p(codes, bits)\n")
+    assert "llmopt.gptq.pack_codes" in _verdicts(nb)["pack_codes"]
+
+
 # --------------------------------------------------------------------------- NaN, output specs
 def test_nan_in_an_output_fails_with_a_message_saying_so():
     def nan_gptq(*a, **k):
@@ -381,6 +448,6 @@ def test_nan_in_an_output_fails_with_a_message_saying_so():
 def test_output_specs_match_the_reference_records():
     """What run_X returns for the reference has exactly OUTPUTS[X]'s keys, kinds and shapes."""
     labkit.assert_outputs_match_reference(LAB, {
-        "quantize_rtn": ref.quantize_rtn, "obs_update": ref.obs_update,
+        "quantize_rtn": ref.quantize_rtn, "pack_codes": ref.pack_codes, "obs_update": ref.obs_update,
         "obs_quantize_columns": ref.obs_quantize_columns, "gptq_quantize": ref.gptq_quantize,
         "GPTQ": ref.GPTQ, "quantize_model": ref.quantize_model})

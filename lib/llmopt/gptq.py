@@ -3,8 +3,8 @@
 Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for
 Generative Pre-trained Transformers" (2022), built on Optimal Brain Surgeon (Hassibi &
 Stork, 1992) and Optimal Brain Compression (Frantar & Alistarh, 2022). Lecture section
-"Квантизация LLM → OBS & GPTQ"; notes in ``course/notes/lab07_gptq.md``. The algorithm
-follows IST-DASLab's ``gptq.py`` (Algorithm 1 of the paper).
+"Квантизация LLM → OBS & GPTQ". The algorithm follows IST-DASLab's ``gptq.py``
+(Algorithm 1 of the paper).
 
 Layout and notation:
 - ``W`` is a weight in ``nn.Linear`` layout ``(rows, cols) = (out_features, in_features)``;
@@ -25,7 +25,10 @@ Layout and notation:
   see ``gptq_quantize``). ``zero`` holds integers (stored as floats).
 - Arithmetic is float32, or float64 when ``W`` is float64.
 
-Three forms of the same idea, each checked against the next:
+In the order the lab builds them:
+0. ``quantize_rtn``: round-to-nearest, every weight on its own (the baseline), and what a
+   quantized weight takes in memory: ``pack_codes`` (the integer codes as one bit stream),
+   ``unpack_codes``, ``packed_bytes``.
 1. ``obs_update``: OBS for one weight, δw = Δ / [H⁻¹]_qq · H⁻¹_{:,q}, L = ½ Δ² / [H⁻¹]_qq.
 2. ``obs_quantize_columns``: a whole column at a time, in order, with the explicit inverse
    Hessian of the columns not yet quantized (updated by one step of Gaussian elimination).
@@ -100,6 +103,48 @@ def quantize_rtn(W: torch.Tensor, bits: int = 4, group_size: int = -1, sym: bool
         scales.append(scale)
         zeros.append(zero)
     return W_hat.to(W.dtype), torch.cat(scales, 1), torch.cat(zeros, 1)
+
+
+# --------------------------------------------------------------------------- storage
+def codes_of(W_hat: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+             group_size: int = -1) -> torch.Tensor:
+    """The integer codes ``k`` (rows, cols) int64 behind ``W_hat = scale·(k − zero)`` (no act-order)."""
+    cols = W_hat.shape[1]
+    gs = cols if group_size is None or group_size <= 0 else group_size
+    g = torch.arange(cols, device=W_hat.device) // gs                      # group of each column
+    return torch.round(W_hat.double() / scale.double()[:, g] + zero.double()[:, g]).long()
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes ``0 … 2**bits − 1`` (any shape) into bytes: uint8 ``(ceil(n·bits/8),)``.
+
+    The codes in row-major order (``codes.reshape(-1)``) form one little-endian bit stream:
+    code ``i`` holds stream bits ``i·bits … i·bits + bits − 1``, its least significant bit
+    first; stream bit ``t`` is bit ``t mod 8`` (worth ``2**(t mod 8)``) of byte ``t // 8``;
+    the unused high bits of the last byte are 0. (``numpy.packbits(..., bitorder="little")``
+    writes the same bytes from the same stream.)
+    """
+    flat = codes.reshape(-1).to(torch.int64)                               # (n,)
+    shifts = torch.arange(bits, device=flat.device)
+    stream = ((flat[:, None] >> shifts) & 1).reshape(-1)                   # (n·bits,) LSB first
+    stream = torch.cat([stream, stream.new_zeros((-stream.numel()) % 8)])  # pad to whole bytes
+    weights = 2 ** torch.arange(8, device=flat.device)                     # 1, 2, 4, … 128
+    return (stream.reshape(-1, 8) * weights).sum(1).to(torch.uint8)        # (ceil(n·bits/8),)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The first ``n`` codes of ``pack_codes``'s bytes: int64 ``(n,)``."""
+    stream = ((packed.to(torch.int64)[:, None] >> torch.arange(8, device=packed.device)) & 1)
+    stream = stream.reshape(-1)[:n * bits].reshape(n, bits)                # (n, bits) LSB first
+    return (stream * 2 ** torch.arange(bits, device=packed.device)).sum(1)
+
+
+def packed_bytes(rows: int, cols: int, bits: int, group_size: int = -1,
+                 scale_bytes: int = 2) -> int:
+    """Bytes of one ``(rows, cols)`` weight stored packed: the codes, ``bits`` bits each, plus
+    per (row, group) a scale of ``scale_bytes`` (fp16) and a zero point packed like the codes."""
+    groups = 1 if group_size is None or group_size <= 0 else -(-cols // group_size)
+    return -(-rows * cols * bits // 8) + rows * groups * scale_bytes + -(-rows * groups * bits // 8)
 
 
 # --------------------------------------------------------------------------- OBS
