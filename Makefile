@@ -68,6 +68,9 @@ bench: install
 	$(PY) bench/zero.py
 	$(PY) bench/moe.py
 	$(PY) bench/int8_nf4.py --ppl
+	$(PY) bench/serving.py
+	$(PY) bench/lora.py
+	$(PY) bench/compression.py
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider

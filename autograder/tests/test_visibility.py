@@ -73,3 +73,23 @@ def test_the_sandbox_copy_holds_only_visible_modules(tmp_path):
     assert "gptq.py" not in files and "kv_cache.py" not in files and "zero.py" not in files
     assert "__init__.py" in files and "gpt.py" in files
     assert not any("__pycache__" in f for f in files)
+
+
+def test_every_declared_module_exists_on_the_hub_as_support_or_an_earlier_labs_reference():
+    """What a lab's notebook imports (LLMOPT_VISIBLE) must be importable by its students on the
+    hub: a support module, or the reference of a lab that comes before it (published first)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "student_lib", os.path.join(course.REPO, "course", "hub", "student_lib.py"))
+    student_lib = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(student_lib)
+    owner = {m: lab for lab, mods in student_lib.REFERENCES.items() for m in mods}
+    order = list(student_lib.REFERENCES)
+    for lab in LABS:
+        for module in course.lab_checks(lab).LLMOPT_VISIBLE:
+            top = module.split(".")[0]
+            if top in student_lib.SUPPORT_MODULES or top in student_lib.SUPPORT_PACKAGES:
+                continue
+            assert top in owner, f"{lab} declares llmopt.{module}: neither support nor any lab's reference"
+            assert order.index(owner[top]) < order.index(lab), \
+                f"{lab} declares llmopt.{module}, the reference of {owner[top]}, which does not come before it"
