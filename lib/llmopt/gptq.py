@@ -394,6 +394,40 @@ def _first(out):
 
 
 @torch.no_grad()
+def sequential_layers(model: nn.Module, calib: torch.Tensor, batch_size: int = 8, log: list | None = None):
+    """GPTQ's walk through the decoder layers, for any per-layer compression.
+
+    Yields ``(index, layer, {name: GPTQ})`` for each decoder layer in turn: every
+    ``nn.Linear`` of the layer with its ``H = 2/N Σ x xᵀ`` accumulated while the layer ran on
+    its inputs — the calibration tokens through the layers before it, *already compressed*
+    by the caller. After the caller has compressed the layer (in place, or by swapping its
+    linears), the layer runs again to give the next one its inputs. ``log``, if a list, gets
+    ``{"layer", "name": "*", "seconds"}`` per layer (both forwards and the caller's work).
+    """
+    layers = decoder_layers(model)
+    device = next(model.parameters()).device
+    inputs = _capture_first_layer_inputs(model, layers, calib.to(device), batch_size)
+    for li, layer in enumerate(layers):
+        t_layer = time.perf_counter()
+        acc = {name: GPTQ(lin) for name, lin in layer_linears(layer).items()}
+        handles = [g.layer.register_forward_hook(lambda m, inp, out, g=g: g.add_batch(inp[0].detach()))
+                   for g in acc.values()]
+        for args, kwargs in inputs:
+            layer(*args, **kwargs)
+        for h in handles:
+            h.remove()
+        yield li, layer, acc
+        del acc
+        # the compressed layer's outputs are the next layer's inputs
+        inputs = [_with_hidden(args, kwargs, _first(layer(*args, **kwargs))) for args, kwargs in inputs]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if log is not None:                                  # the whole layer, forwards included
+            log.append({"layer": li, "name": "*", "shape": None,
+                        "seconds": time.perf_counter() - t_layer})
+
+
+@torch.no_grad()
 def quantize_model(model: nn.Module, method: str = "gptq", calib: torch.Tensor | None = None,
                    bits: int = 4, group_size: int = -1, *, block_size: int = 128,
                    percdamp: float = 0.01, act_order: bool = False, sym: bool = False,
@@ -428,35 +462,14 @@ def quantize_model(model: nn.Module, method: str = "gptq", calib: torch.Tensor |
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    calib = calib.to(device)
-    inputs = _capture_first_layer_inputs(model, layers, calib, batch_size)
-    for li, layer in enumerate(layers):
-        t_layer = time.perf_counter()
-        linears = layer_linears(layer)
-        gptq = {name: GPTQ(lin) for name, lin in linears.items()}
-        handles = [lin.register_forward_hook(
-            lambda m, inp, out, g=gptq[name]: g.add_batch(inp[0].detach()))
-            for name, lin in linears.items()]
-        for args, kwargs in inputs:
-            layer(*args, **kwargs)
-        for h in handles:
-            h.remove()
-        for name, lin in linears.items():
+    for li, layer, gptq in sequential_layers(model, calib, batch_size, log):
+        for name, g in gptq.items():
             t0 = time.perf_counter()
-            gptq[name].quantize(bits, group_size, block_size, percdamp, act_order, sym)
+            g.quantize(bits, group_size, block_size, percdamp, act_order, sym)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if log is not None:
-                log.append({"layer": li, "name": name, "shape": tuple(lin.weight.shape),
+                log.append({"layer": li, "name": name, "shape": tuple(g.layer.weight.shape),
                             "seconds": time.perf_counter() - t0})
-        del gptq
-        # the quantized layer's outputs are the next layer's inputs
-        inputs = [_with_hidden(args, kwargs, _first(layer(*args, **kwargs)))
-                  for args, kwargs in inputs]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if log is not None:                                  # the whole layer, forwards included
-            log.append({"layer": li, "name": "*", "shape": None,
-                        "seconds": time.perf_counter() - t_layer})
     model.train(was_training)
     return model

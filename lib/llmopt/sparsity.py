@@ -307,21 +307,10 @@ def compress_model(model: nn.Module, recipe: dict, calib: torch.Tensor | None = 
         return model
     was_training = model.training
     model.eval()
-    layers = _gptq.decoder_layers(model)
-    device = next(model.parameters()).device
     if calib is None:
         raise ValueError("compress_model needs calibration token ids: calib of shape (n, seq_len)")
-    inputs = _gptq._capture_first_layer_inputs(model, layers, calib.to(device), batch_size)
-    for li, layer in enumerate(layers):
-        linears = _gptq.layer_linears(layer)
-        acc = {name: _gptq.GPTQ(lin) for name, lin in linears.items()}
-        handles = [lin.register_forward_hook(
-            lambda mod, inp, out, g=acc[name]: g.add_batch(inp[0].detach()))
-            for name, lin in linears.items()]
-        for args, kwargs in inputs:
-            layer(*args, **kwargs)
-        for h in handles:
-            h.remove()
+    for li, layer, acc in _gptq.sequential_layers(model, calib, batch_size):
+        linears = {name: g.layer for name, g in acc.items()}
         for name, lin in linears.items():
             t0 = time.perf_counter()
             W, H = lin.weight.data.clone(), acc[name].H
@@ -344,8 +333,6 @@ def compress_model(model: nn.Module, recipe: dict, calib: torch.Tensor | None = 
                             "sparsity": float((W_hat == 0).float().mean()),
                             "seconds": time.perf_counter() - t0})
             del acc[name]
-        inputs = [_gptq._with_hidden(args, kwargs, _gptq._first(layer(*args, **kwargs)))
-                  for args, kwargs in inputs]
     model.train(was_training)
     return model
 
