@@ -361,9 +361,9 @@ def serve_eos(case: dict, model=None):
         return int(model(case["prompts"][0][None])[0, -1].argmax())
 
 
-def run_serve(fn, case: dict) -> dict:
-    model = serve_model(case)
-    eos = serve_eos(case, model)
+def record_passes(model, run) -> dict:
+    """``run()``'s outputs (a list of 1-D token tensors) and what every forward pass fed the
+    model (token ids, positions, tokens per pass), seen by pre-hooks on the embeddings."""
     ids, pos, lens = [], [], []
 
     def spy_tokens(module, args):        # what every forward pass feeds the model
@@ -376,8 +376,7 @@ def run_serve(fn, case: dict) -> dict:
     hooks = [model.embed_tokens.register_forward_pre_hook(spy_tokens),
              model.embed_positions.register_forward_pre_hook(spy_positions)]
     try:
-        out = fn(model, [p.clone() for p in case["prompts"]], case["max_new_tokens"],
-                 block_size=case["block_size"], num_blocks=case["num_blocks"], eos_id=eos)
+        out = run()
     finally:
         for h in hooks:
             h.remove()
@@ -387,3 +386,11 @@ def run_serve(fn, case: dict) -> dict:
     rec["pass_pos"] = torch.cat(pos).to(torch.int64) if pos else torch.zeros(0, dtype=torch.int64)
     rec["pass_lens"] = torch.tensor(lens, dtype=torch.int64)
     return rec
+
+
+def run_serve(fn, case: dict) -> dict:
+    model = serve_model(case)
+    eos = serve_eos(case, model)
+    return record_passes(model, lambda: fn(
+        model, [p.clone() for p in case["prompts"]], case["max_new_tokens"],
+        block_size=case["block_size"], num_blocks=case["num_blocks"], eos_id=eos))

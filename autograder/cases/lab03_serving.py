@@ -14,6 +14,8 @@ import torch
 
 from llmopt.gpt import GPT, GPTConfig
 
+from .lab02_paged_attention import record_passes  # the same pass spy as lab02's serve
+
 Cost = namedtuple("Cost", "weights_ms token_ms pair_ms kv_ms")
 Req = namedtuple("Req", "id prompt_len max_new_tokens arrival_time")
 MAX_STEPS = 400
@@ -188,26 +190,6 @@ def inputs_run_engine(seed: int) -> list[dict]:
 
 def run_run_engine(fn, case: dict) -> dict:
     model = engine_model(case)
-    ids, pos, lens = [], [], []
-
-    def spy_tokens(module, args):        # what every forward pass feeds the model
-        ids.append(args[0].detach().reshape(-1).clone())
-
-    def spy_positions(module, args):
-        pos.append(args[0].detach().reshape(-1).clone())
-        lens.append(int(args[0].numel()))
-
-    hooks = [model.embed_tokens.register_forward_pre_hook(spy_tokens),
-             model.embed_positions.register_forward_pre_hook(spy_positions)]
-    try:
-        out = fn(model, [p.clone() for p in case["prompts"]], list(case["max_new_tokens"]),
-                 policy=case["policy"], token_budget=case["token_budget"], block_size=case["block_size"])
-    finally:
-        for h in hooks:
-            h.remove()
-    rec = {f"out_{i}": torch.as_tensor(o).reshape(-1).to(torch.int64) for i, o in enumerate(out)}
-    rec["n_out"] = len(out)
-    rec["pass_ids"] = torch.cat(ids).to(torch.int64) if ids else torch.zeros(0, dtype=torch.int64)
-    rec["pass_pos"] = torch.cat(pos).to(torch.int64) if pos else torch.zeros(0, dtype=torch.int64)
-    rec["pass_lens"] = torch.tensor(lens, dtype=torch.int64)
-    return rec
+    return record_passes(model, lambda: fn(
+        model, [p.clone() for p in case["prompts"]], list(case["max_new_tokens"]),
+        policy=case["policy"], token_budget=case["token_budget"], block_size=case["block_size"]))
