@@ -6,7 +6,10 @@
 
 One process runs, on the same data and seeds: exact match of the base model on the test split
 (the baseline), LoRA (fp32 base) and QLoRA (NF4 + double quantization) fine-tuning of every
-linear with r = 16, α = 32, each under the same wall-clock budget (``--seconds``), then exact match
+linear with r = 16, α = 32 (and, as peft's ``modules_to_save``, the tied embedding / LM head: tiny-opt
+never saw Cyrillic, and a frozen output layer cannot learn to emit it; ``--frozen-embeddings`` trains
+the adapters alone), AdamW with 20 warm-up steps and a cosine over the budget, each under the same
+wall-clock budget (``--seconds``), then exact match
 on the held-out test split, the answer loss curve, seconds per step, the bytes of the base weights
 (NF4 vs fp16) and, on a GPU, the peak memory (``torch.cuda.max_memory_allocated``) and the step
 time from CUDA events. On a GPU the compute dtype of QLoRA is bf16.
@@ -38,7 +41,8 @@ def step_ms(model, params, batch, tok, device) -> float:
     return bench.time_ms(step, warmup=2, rep=5, device=device)
 
 
-def run(how: str, data, tok, device, seconds: float, steps: int, batch_size: int, lr: float, test):
+def run(how: str, data, tok, device, seconds: float, steps: int, batch_size: int, lr: float, test,
+        train_embeddings: bool = True):
     torch.manual_seed(0)
     model, _ = load_model("tiny-opt", device=device)
     fp16_base = sum(2 * m.weight.numel() for n, m in model.named_modules()
@@ -50,6 +54,9 @@ def run(how: str, data, tok, device, seconds: float, steps: int, batch_size: int
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         lora.prepare_qlora(model, lora.ALL_LINEAR, r=16, alpha=32, compute_dtype=dtype)
         base_bytes = lora.qlora_base_bytes(model)
+    n_adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if train_embeddings:  # peft's modules_to_save: the tied embedding / LM head trains too (full precision)
+        model.embed_tokens.weight.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -63,7 +70,8 @@ def run(how: str, data, tok, device, seconds: float, steps: int, batch_size: int
         1e3 * log["seconds"] / max(log["steps"], 1)
     return dict(method=how, steps=log["steps"], train_seconds=round(log["seconds"], 1),
                 step_ms=round(ms, 2), exact_match=round(acc, 4), exact_match_by_task=per,
-                trainable_params=sum(p.numel() for p in params), base_weight_bytes=int(base_bytes),
+                trainable_params=sum(p.numel() for p in params), adapter_params=n_adapter,
+                train_embeddings=train_embeddings, base_weight_bytes=int(base_bytes),
                 base_vs_fp16=round(base_bytes / fp16_base, 4), peak_bytes=peak,
                 final_loss=round(statistics.mean(log["loss"][-5:]), 4),
                 loss_curve=[round(x, 4) for x in log["loss"][:: max(1, len(log["loss"]) // 50)]],
@@ -78,6 +86,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--methods", default="qlora,lora")
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--frozen-embeddings", action="store_true",
+                    help="train the adapters only (default: also the tied embedding / LM head)")
     args = ap.parse_args(argv)
     device = args.device
     if args.quick:
@@ -94,14 +104,15 @@ def main(argv=None):
     rows = [dict(method="base (no fine-tuning)", exact_match=round(acc0, 4), exact_match_by_task=per0)]
     print(f"base: exact match {acc0:.1%} {per0}")
     for how in args.methods.split(","):
-        row = run(how, data, tok, device, seconds, steps, 16, args.lr, test)
+        row = run(how, data, tok, device, seconds, steps, 16, args.lr, test, not args.frozen_embeddings)
         print({k: v for k, v in row.items() if k != "loss_curve"})
         rows.append(row)
     name = "qlora_tiny_opt_" + ("gpu" if device == "cuda" else "cpu")
     out_dir, fname = (os.path.dirname(args.out) or ".", os.path.basename(args.out)[:-5]) if args.out else (None, name)
     path = bench.write_results(fname, rows, out_dir=out_dir, quick=args.quick, seconds_per_method=seconds,
                                n_test=len(test), n_train=len(data["train"]), r=16, alpha=32, batch_size=16,
-                               lr=args.lr, threads=torch.get_num_threads())
+                               lr=args.lr, schedule="20 warm-up steps, cosine to lr/20 over the time budget",
+                               train_embeddings=not args.frozen_embeddings, threads=torch.get_num_threads())
     print("wrote", path)
 
 

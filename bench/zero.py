@@ -7,7 +7,8 @@
    over the ranks, against one process on the whole batch: max |Δparam|.
 2. Speed and memory: OPT-125m-, 1.3b-, 2.7b- and 6.7b-sized transformers (bf16 weights,
    fp32 master copy and AdamW state), batch per GPU × 1,024 tokens: per-GPU peak memory
-   (``torch.cuda.max_memory_allocated``) and median step time (CUDA events) of stages 0–3
+   (``torch.cuda.max_memory_allocated``, each mode in fresh processes) and median step time
+   (CUDA events) of stages 0–3
    and of ``fully_shard`` per block (bf16 parameters, bf16 reduction, fp32 sharded
    master params), measured in the same run on the same GPUs. At the 1.3b size also:
    ``+overlap`` (``shard_model(..., overlap=True)``: the next unit's all-gather prefetched,
@@ -251,17 +252,19 @@ def main():
     modes = ["stage0", "stage1", "stage2", "stage3", "fully_shard"]
     rows, path = [], None
     for name in (["tiny"] if args.cpu else args.configs.split(",")):
-        try:
-            res = launch(speed, world_size, name, MODES.get(name, modes), backend=backend,
-                         timeout=150 if name in ("opt-2.7b", "opt-6.7b") else 240)
-        except Exception as exc:  # one config failing (OOM on one rank, time-out) keeps the rest
-            print(f"{name} failed: {type(exc).__name__}: {str(exc)[:500]}", flush=True)
-            rows.append(dict(config=name, error=f"{type(exc).__name__}: {str(exc)[:300]}"))
-            continue
-        for r in res:
-            rows.extend(r)
-        for r in res[0]:
-            print(r, flush=True)
+        # one fresh set of processes per mode: what a mode leaves behind in the caching
+        # allocator (or in objects a cycle keeps alive) must not count in the next mode's peak
+        for mode in MODES.get(name, modes):
+            try:
+                res = launch(speed, world_size, name, [mode], backend=backend,
+                             timeout=150 if name in ("opt-2.7b", "opt-6.7b") else 120)
+            except Exception as exc:  # one mode failing (OOM on one rank, time-out) keeps the rest
+                print(f"{name} {mode} failed: {type(exc).__name__}: {str(exc)[:500]}", flush=True)
+                rows.append(dict(config=name, mode=mode, error=f"{type(exc).__name__}: {str(exc)[:300]}"))
+                continue
+            for r in res:
+                rows.extend(r)
+            print(res[0][0], flush=True)
         print(f"{name} done {time.time() - t0:.0f}s", flush=True)
         path = write_results(   # after every config: a later time-out keeps what is done
             "zero", rows, out_dir=args.out, world_size=world_size, backend=backend,
