@@ -32,6 +32,7 @@ here knows about LoRA: the caller chooses the trainable parameters.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import sys
 import time
@@ -209,20 +210,31 @@ class _Progress:
 
 def finetune(model, params, train: list[Example], tokenizer, steps: int = 200,
              batch_size: int = 32, lr: float = 3e-3, seed: int = 0, max_seconds: float | None = None,
-             progress: bool = True, device=None, clip: float | None = None) -> dict:
+             progress: bool = True, device=None, clip: float | None = None, warmup: int = 20,
+             dropout: bool = False) -> dict:
     """AdamW on ``params`` (only those) for ``steps`` batches of ``train`` (cycled in a seeded
-    order), or until ``max_seconds`` pass; gradients clipped to norm ``clip`` if given. Returns
+    order), or until ``max_seconds`` pass; gradients clipped to norm ``clip`` if given. The
+    learning rate warms up linearly over ``warmup`` steps, then follows a cosine from ``lr`` down
+    to ``lr / 20`` over the run (by steps or by the wall-clock budget, whichever is further
+    along). The model's own dropout stays off unless ``dropout`` (``model.eval()`` while training:
+    the runs are short and the adapters small; LoRA's dropout is the adapters' own). Returns
     ``{'loss': [...], 'seconds': s, 'steps': n}``."""
     params = [p for p in params if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 10) * max(0.1, 1 - s / max(steps, 1)))
     device = device or next(model.parameters()).device
     rng = random.Random(seed)
     order: list[int] = []
-    model.train()
+    model.train(dropout)
     losses, bar, t0 = [], _Progress(steps, progress), time.perf_counter()
     for step in range(steps):
+        # warm-up, then cosine from lr to lr/20 over the run: its progress is the larger of the
+        # fraction of steps and the fraction of the wall-clock budget done
+        done = step / max(steps, 1)
+        if max_seconds:
+            done = max(done, (time.perf_counter() - t0) / max_seconds)
+        factor = min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))))
+        for g in opt.param_groups:
+            g["lr"] = lr * factor
         if len(order) < batch_size:
             idx = list(range(len(train)))
             rng.shuffle(idx)
@@ -235,7 +247,6 @@ def finetune(model, params, train: list[Example], tokenizer, steps: int = 200,
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
-        sched.step()
         losses.append(float(loss.detach()))
         bar.update(step + 1, losses[-1])
         if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
