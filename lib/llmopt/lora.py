@@ -51,8 +51,9 @@ class LoRALinear(nn.Module):
             p.requires_grad_(False)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.A = nn.Parameter(torch.empty(r, self.in_features))      # (r, d_in)
-        self.B = nn.Parameter(torch.zeros(self.out_features, r))     # (d_out, r)
+        dev = next(iter(base.parameters()), torch.empty(0)).device   # the adapters live by the base
+        self.A = nn.Parameter(torch.empty(r, self.in_features, device=dev))      # (r, d_in)
+        self.B = nn.Parameter(torch.zeros(self.out_features, r, device=dev))     # (d_out, r)
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
