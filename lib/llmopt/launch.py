@@ -61,9 +61,6 @@ def _worker(fn, rank, world_size, args, backend, port, results, timeout_s):
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     try:
         if backend == "nccl":
-            # async collectives (ZeRO's overlap): keep their tensors alive until .wait() rather
-            # than recordStream them, which lets freed buffers pile up while the host runs ahead
-            os.environ.setdefault("TORCH_NCCL_AVOID_RECORD_STREAMS", "1")
             torch.cuda.set_device(rank % torch.cuda.device_count())
         else:  # 2 cores shared by N ranks: one thread each, or they thrash
             torch.set_num_threads(1)

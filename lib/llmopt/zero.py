@@ -168,7 +168,7 @@ class _Unit:
             self.reducing = (reduce_scatter_flat(out, full, async_op=True), out, full)
         else:
             reduce_scatter_flat(out, full)
-            _free(full)                          # now, not when the collective's stash lets go
+            _free(full)                          # the unit's whole gradient: gone at once
             self._accumulate(out)
         self.pending = 0
 
