@@ -328,6 +328,36 @@ def metrics(requests, first_token, finish) -> dict:
                 ttft=ttft, latency=lat)
 
 
+def effective_throughput(requests, first_token, finish, prompt_rate: float, gen_rate: float,
+                         token_times=None, ema: float = 0.1) -> dict:
+    """DeepSpeed-FastGen's effective throughput: requests per second that meet the service
+    level agreement (SLA), over the run (first arrival to last finish).
+
+    A request meets it when its prompt latency (time to first token, from its arrival) is at
+    most prompt_len / ``prompt_rate`` (prompt tokens per second) and it generates at least
+    ``gen_rate`` tokens per second (FastGen: 512 prompt tokens/s; 2, 4 or 6 generated tokens/s,
+    a reader's pace). With ``token_times`` (per request, when each new token came out) the
+    generation rate is FastGen's: an exponential moving average of the gaps between tokens,
+    g <- ema * gap + (1 - ema) * g, must stay at most 1 / gen_rate after every token, so a
+    stall counts even when the average rate is fine; without, the average rate (tokens after
+    the first over the time they took). Returns ``effective_rps``, ``met`` and ``fraction``."""
+    t0 = min(r.arrival_time for r in requests)
+    t1 = max(finish[r.id] for r in requests)
+    met = 0
+    for r in requests:
+        ttft = first_token[r.id] - r.arrival_time
+        if token_times is not None:
+            times, g, gen_ok = token_times[r.id], None, True
+            for a, b in zip(times, times[1:]):
+                g = (b - a) if g is None else ema * (b - a) + (1 - ema) * g
+                gen_ok &= g <= 1 / gen_rate
+        else:
+            gen_time = finish[r.id] - first_token[r.id]
+            gen_ok = r.max_new_tokens <= 1 or (r.max_new_tokens - 1) / max(gen_time, 1e-12) >= gen_rate
+        met += int(ttft <= r.prompt_len / prompt_rate and gen_ok)
+    return dict(effective_rps=met / max(t1 - t0, 1e-12), met=met, fraction=met / len(requests))
+
+
 def simulate(requests, policy: str, token_budget: int, cost_model: CostModel | None = None,
              return_schedule: bool = False) -> dict:
     """Serve ``requests`` under ``policy`` on a clock driven by ``cost_model`` (None: the
@@ -369,62 +399,128 @@ def poisson_workload(n: int, rate: float, prompt_lens=(64, 1024), new_tokens=(16
 # The real engine
 # --------------------------------------------------------------------------------------
 
-class GraphedDecode:
-    """Decode-only passes with fixed shapes over the paged cache, replayed as CUDA graphs.
+class EnginePasses:
+    """The engine's forward passes at fixed shapes over the paged cache, replayed as CUDA graphs.
 
-    A pass that holds only decode tokens has the same shapes every step apart from the batch
-    size, so one graph per bucket of batch size (1, 2, 4, ...) captures the whole forward
-    (embeddings, every layer's projections, the cache write at device-side slots, paged
-    attention through device-side block tables, the head and the argmax) and replays it:
-    one launch instead of hundreds of kernel launches and Python steps. Rows beyond the real
-    batch are padding that write into a scratch block and attend to it alone. Without CUDA
-    (``use_graph=False``) the same fixed-shape step runs eagerly: the CPU path.
+    A pass holds N token slots (prompt chunks and decode tokens, sequence after sequence) and
+    S sequence slots. Rounded up to powers of two, (N, S) is one of a few **buckets**; one
+    graph per bucket captures the whole forward (embeddings, every layer's projections, the
+    cache write at device-side slots, attention through device-side block tables, the head
+    and the argmax) and replays it: one launch instead of hundreds of kernel launches and
+    Python steps. Slots beyond the real pass are padding: their tokens write into a scratch
+    block and no query attends to them; padding sequences own no tokens.
+
+    Two kinds of pass: decode-only (N = S, one token per sequence: the split-KV decode
+    kernel, ``attention``) and mixed (prompt chunks too: ``llmopt.chunked_prefill``'s
+    tile kernel, ``chunked``). ``mode="decode"`` replays graphs for decode-only passes and
+    runs the others eagerly at their exact size (vLLM's choice: prefill passes vary in
+    size); ``mode="all"`` replays a graph for every pass -- cheap when every pass has the
+    same size, as Dynamic SplitFuse's token budget makes them. Without CUDA
+    (``use_graph=False``) every pass runs the same fixed-shape step eagerly: the CPU path.
     """
 
     def __init__(self, model, cache: PagedKVCache, max_blocks: int, scratch_block: int,
-                 attention=None, use_graph: bool = True):
+                 mode: str = "decode", attention=None, chunked=None, use_graph: bool = True):
+        from .chunked_prefill import chunked_attention, chunked_attention_triton
         from .paged_attention import paged_attention
-        self.model, self.cache, self.M, self.scratch = model, cache, max_blocks, scratch_block
+        if mode not in ("decode", "all"):
+            raise ValueError(f"mode must be 'decode' or 'all', got {mode!r}")
+        self.model, self.cache, self.M, self.scratch, self.mode = model, cache, max_blocks, scratch_block, mode
         self.attention = attention or paged_attention
+        self.chunked = chunked or (chunked_attention_triton if cache.k.is_cuda else chunked_attention)
         self.use_graph = use_graph and cache.k.is_cuda
         self.graphs: dict = {}
+        self._rows: dict = {}                       # seq_id -> (its row of table_host, its table)
+        self.table_host = torch.full((64, max_blocks), scratch_block, dtype=torch.long)
 
     @classmethod
     def build(cls, model, num_blocks: int, block_size: int = 16, max_blocks: int | None = None,
-              attention=None, max_batch: int = 0, use_graph: bool = True):
-        """A cache of ``num_blocks`` (+ the scratch block) for ``run_engine(graphed_decode=...)``,
-        with the graphs of every bucket up to ``max_batch`` captured now (not while timing)."""
+              mode: str = "decode", max_seqs: int = 0, max_tokens: int = 0, attention=None,
+              chunked=None, use_graph: bool = True):
+        """A cache of ``num_blocks`` (+ the scratch block) for ``run_engine(graphed=...)``, with
+        the graphs of every bucket up to ``max_seqs`` sequences (and, in mode "all", passes of up
+        to ``max_tokens`` tokens) captured now, not while timing."""
         p = next(model.parameters())
         cache = PagedKVCache.for_model(model.config, num_blocks + 1, block_size, dtype=p.dtype, device=p.device)
         M = max_blocks or -(-model.config.max_position_embeddings // block_size)
-        self = cls(model, cache, M, cache.allocator.allocate(), attention, use_graph)
-        S = 1
-        while S <= max(max_batch, 1) * 2 - 1:
-            self._get(S)
-            S *= 2
+        self = cls(model, cache, M, cache.allocator.allocate(), mode, attention, chunked, use_graph)
+        if self.use_graph:
+            for S in _powers(max_seqs):
+                self._graph(S, S, "decode")
+            if mode == "all":
+                for N in _powers(max_tokens):
+                    for S in _powers(min(N, max_seqs or N)):
+                        self._graph(N, S, "mixed")
         return self
 
-    def _buffers(self, S):
-        dev = self.cache.k.device
-        return dict(ids=torch.zeros(S, dtype=torch.long, device=dev), pos=torch.zeros(S, dtype=torch.long, device=dev),
-                    slots=torch.zeros(S, dtype=torch.long, device=dev),
-                    tables=torch.zeros(S, self.M, dtype=torch.int32, device=dev),
-                    ctx=torch.ones(S, dtype=torch.int32, device=dev), out=torch.zeros(S, dtype=torch.long, device=dev))
+    def _buffers(self, N, S, pinned=False):
+        """One int64 staging tensor per shape, on the host and on the device, holding every
+        input of a pass (one copy per pass), and views of it by name:
+        ids, pos, slots (N,) | ctx, last (S,) | cu (S + 1,) | tables (S, M)."""
+        M, dev = self.M, self.cache.k.device
+        size = 3 * N + 3 * S + 1 + S * M
+        host = torch.empty(size, dtype=torch.long, pin_memory=pinned and dev.type == "cuda")
+        stage = torch.zeros(size, dtype=torch.long, device=dev)
 
-    def _step(self, b):
+        def views(t):
+            tok = t[:3 * N].view(3, N)
+            seq = t[3 * N:3 * N + 2 * S].view(2, S)
+            return dict(tok=tok, ids=tok[0], pos=tok[1], slots=tok[2], seq=seq, ctx=seq[0], last=seq[1],
+                        cu=t[3 * N + 2 * S:3 * N + 3 * S + 1], tables=t[3 * N + 3 * S + 1:].view(S, M))
+        b = views(stage)
+        b.update(host=views(host), host_flat=host, stage=stage, out=torch.zeros(S, dtype=torch.long, device=dev))
+        self._fill(b["host"], 0, 0)
+        stage.copy_(host)
+        return b
+
+    def _fill(self, h, n, s):
+        """Padding past n tokens and s sequences: tokens write the scratch block, sequences own
+        no tokens and read the scratch block."""
+        h["tok"][:, n:] = 0
+        h["slots"][n:] = self.scratch * self.cache.block_size
+        h["ctx"][s:] = 1
+        h["last"][s:] = 0
+        h["cu"][s + 1:] = n
+        h["tables"][s:] = self.scratch
+
+    def _row(self, x, first_block: int) -> int:
+        """Sequence x's row of ``table_host`` (its block table, M entries), updated from
+        ``first_block`` on: the blocks this pass may have added or copied on write. A row
+        belongs to one table object: a sequence added again under the same id gets a new one."""
+        table = self.cache.tables[x]
+        row, known = self._rows.get(x, (None, None))
+        if known is not table:
+            live = {r for y, (r, t) in self._rows.items() if y != x and self.cache.tables.get(y) is t}
+            self._rows = {y: v for y, v in self._rows.items() if v[0] in live}   # forget freed ones
+            free = [r for r in range(len(self.table_host)) if r not in live]
+            if not free:
+                free = [len(self.table_host)]
+                self.table_host = torch.cat([self.table_host, torch.full_like(self.table_host, self.scratch)])
+            row = free[0]
+            self._rows[x] = (row, table)
+            self.table_host[row] = self.scratch
+            first_block = 0
+        if len(table) > first_block:
+            self.table_host[row, first_block:len(table)] = torch.tensor(table[first_block:])
+        return row
+
+    def _step(self, b, kind):
         from .gpt import POSITION_OFFSET
         model, cache = self.model, self.cache
         H, d = model.config.n_head, model.config.head_dim
-        x = model.embed_tokens(b["ids"][None])                                      # (1, S, E)
+        x = model.embed_tokens(b["ids"][None])                                      # (1, N, E)
         if model.project_in is not None:
             x = model.project_in(x)
-        x = x + model.embed_positions(b["pos"][None] + POSITION_OFFSET)             # (1, S, D)
+        x = x + model.embed_positions(b["pos"][None] + POSITION_OFFSET)             # (1, N, D)
         for i, block in enumerate(model.layers):
             def attn(h, block=block, i=i):
                 a = block.attn
-                q = a.q_proj(h).view(-1, H, d)                                      # (S, H, d)
+                q = a.q_proj(h).view(-1, H, d)                                      # (N, H, d)
                 cache.write(i, b["slots"], a.k_proj(h).view(-1, H, d), a.v_proj(h).view(-1, H, d))
-                o = self.attention(q, cache.k[i], cache.v[i], b["tables"], b["ctx"])
+                if kind == "decode":                                                # row s = sequence s
+                    o = self.attention(q, cache.k[i], cache.v[i], b["tables"], b["ctx"])
+                else:
+                    o = self.chunked(q, cache.k[i], cache.v[i], b["tables"], b["ctx"], b["cu"])
                 return a.out_proj(o.reshape(1, -1, H * d))
             if block.pre_ln:
                 x = x + attn(block.attn_norm(x))
@@ -432,68 +528,86 @@ class GraphedDecode:
             else:
                 x = block.attn_norm(x + attn(x))
                 x = block.mlp_norm(x + block.mlp(x))
-        x = x[0]
+        x = x[0] if kind == "decode" else x[0, b["last"]]                          # (S, D) last tokens
         if model.final_layer_norm is not None:
             x = model.final_layer_norm(x)
         if model.project_out is not None:
             x = model.project_out(x)
         b["out"].copy_(model.lm_head(x).argmax(-1))                                # (S,)
 
-    def _get(self, S):
-        if S not in self.graphs:
-            b = self._buffers(S)
-            self._fill_padding(b, 0)
-            graph = None
-            if self.use_graph:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):          # warm up outside the capture
-                    self._step(b)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    self._step(b)
-            self.graphs[S] = (b, graph)
-        return self.graphs[S]
+    def _graph(self, N, S, kind):
+        key = (N, S, kind)
+        if key not in self.graphs:
+            b = self._buffers(N, S, pinned=True)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):              # warm up outside the capture
+                self._step(b, kind)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step(b, kind)
+            self.graphs[key] = (b, graph)
+        return self.graphs[key]
 
-    def _fill_padding(self, b, n):
-        B = self.cache.block_size
-        b["ids"][n:] = 0
-        b["pos"][n:] = 0
-        b["slots"][n:] = self.scratch * B
-        b["tables"][n:] = self.scratch
-        b["ctx"][n:] = 1
-
-    def __call__(self, seq_ids, last_tokens) -> list[int]:
-        """One decode token for each of ``seq_ids``; returns their greedy next tokens."""
-        n = len(seq_ids)
-        S = 1 << (n - 1).bit_length()
-        b, graph = self._get(S)
-        cache = self.cache
-        pos = [cache.context_len(s) for s in seq_ids]
-        slots = [cache.reserve(s, 1)[0] for s in seq_ids]
-        rows = [cache.tables[s] + [self.scratch] * (self.M - len(cache.tables[s])) for s in seq_ids]
-        host = torch.tensor([last_tokens, pos, slots, [p + 1 for p in pos]], dtype=torch.long)
-        b["ids"][:n].copy_(host[0])
-        b["pos"][:n].copy_(host[1])
-        b["slots"][:n].copy_(host[2])
-        b["ctx"][:n].copy_(host[3])
-        b["tables"][:n].copy_(torch.tensor(rows, dtype=torch.int32))
-        self._fill_padding(b, n)
+    def __call__(self, seq_ids, chunks) -> list[int]:
+        """One pass: ``chunks[s]`` (token ids, a list or 1-D tensor) are the new tokens of
+        ``seq_ids[s]``; returns the greedy next token after each sequence's last new token."""
+        cache, B = self.cache, self.cache.block_size
+        chunks = [c.reshape(-1).tolist() if torch.is_tensor(c) else list(c) for c in chunks]
+        counts = [len(c) for c in chunks]
+        n, s = sum(counts), len(seq_ids)
+        kind = "decode" if n == s else "mixed"
+        graph = None
+        if self.use_graph and (kind == "decode" or self.mode == "all"):
+            N, S = (1 << (n - 1).bit_length()), (1 << (s - 1).bit_length())
+            b, graph = self._graph(N if kind == "mixed" else S, S, kind)
+        else:
+            b = self._buffers(n, s)                    # eager, exact size
+        lens = [cache.lens[x] for x in seq_ids]
+        slots, rows, ref = [], [], cache.allocator.ref_count
+        for x, l0, c in zip(seq_ids, lens, counts):
+            table, (row, known) = cache.tables[x], self._rows.get(x, (None, None))
+            if known is table and c == 1 and l0 % B and ref(table[l0 // B]) == 1:
+                slots.append(table[l0 // B] * B + l0 % B)      # the common decode step: room in its last block
+            else:
+                slots += cache.reserve(x, c)                   # new blocks, copy on write
+                row = self._row(x, l0 // B)
+            rows.append(row)
+        pos = [p for l0, c in zip(lens, counts) for p in range(l0, l0 + c)]
+        cu = [0]
+        for c in counts:
+            cu.append(cu[-1] + c)
+        h = b["host"]
+        h["tok"][:, :n] = torch.tensor([[t for c in chunks for t in c], pos, slots])
+        h["seq"][:, :s] = torch.tensor([[l0 + c for l0, c in zip(lens, counts)], cu[1:]]) - \
+            torch.tensor([[0], [1]])                                               # ctx, last row
+        h["cu"][:s + 1] = torch.tensor(cu)
+        h["tables"][:s] = self.table_host[torch.tensor(rows)]
+        self._fill(h, n, s)
+        b["stage"].copy_(b["host_flat"], non_blocking=True)
         if graph is not None:
             graph.replay()
         else:
-            self._step(b)
-        for s in seq_ids:
-            cache.advance(s, 1)
-        return b["out"][:n].tolist()
+            self._step(b, kind)
+        for x, c in zip(seq_ids, counts):
+            cache.advance(x, c)
+        return b["out"].tolist()[:s]
+
+
+def _powers(n: int):
+    """1, 2, 4, ... up to the first power of two >= n."""
+    k = 1
+    while k < 2 * n:
+        yield k
+        k *= 2
 
 
 @torch.no_grad()
 def run_engine(model, prompts, max_new_tokens, policy: str = "splitfuse", token_budget: int = 64,
                block_size: int = 16, num_blocks: int | None = None, attention=None,
                composers=None, step_hook=None, arrivals=None, stats: dict | None = None,
-               graphed_decode=False):
+               graphed=False):
     """Greedy generation for ``prompts`` (all arrived at time 0) over a paged KV cache, one
     ``paged_forward`` per pass composed by ``policy``. Returns, per prompt, prompt + new
     tokens (1-D), exactly what greedy generation gives for that prompt alone.
@@ -505,10 +619,12 @@ def run_engine(model, prompts, max_new_tokens, policy: str = "splitfuse", token_
 
     ``arrivals`` (seconds, per prompt) replays an online workload on the wall clock: a
     request joins once that much time has passed since the start. ``stats``, if given, gets
-    ``first_token`` and ``finish`` (seconds since the start, per request), ``requests`` and
-    ``passes`` (for ``metrics``). ``graphed_decode`` runs decode-only passes through
-    ``GraphedDecode`` (CUDA graphs on a GPU, the same fixed-shape step eagerly on a CPU); pass
-    a ``GraphedDecode.build(...)`` to reuse its cache and captured graphs across runs.
+    ``first_token`` and ``finish`` (seconds since the start, per request), ``token_times``
+    (per request, when each new token came out), ``requests`` and ``passes`` (for ``metrics``). ``graphed`` runs every pass through ``EnginePasses``
+    (chunked-prefill attention for prompt chunks): ``"decode"`` (or True) replays CUDA graphs
+    for decode-only passes, ``"all"`` for every pass (on a CPU the same fixed-shape steps run
+    eagerly); pass an ``EnginePasses.build(...)`` to reuse its cache and captured graphs
+    across runs. False: ``paged_forward``, the lab's engine.
     """
     model.eval()
     p = next(model.parameters())
@@ -517,22 +633,24 @@ def run_engine(model, prompts, max_new_tokens, policy: str = "splitfuse", token_
     need = [-(-(len(x) + n) // block_size) for x, n in zip(prompts, n_new)]
     if num_blocks is None:
         num_blocks = sum(need)
-    graphed = None
-    if isinstance(graphed_decode, GraphedDecode):      # built (and captured) beforehand; reused
-        graphed, cache = graphed_decode, graphed_decode.cache
+    engine = None
+    if isinstance(graphed, EnginePasses):              # built (and captured) beforehand; reused
+        engine, cache = graphed, graphed.cache
         num_blocks = cache.num_blocks - 1
-        if cache.block_size != block_size or max(need + [1]) > graphed.M or cache.tables:
-            raise ValueError("the GraphedDecode's cache has another block size, too narrow tables, "
+        if cache.block_size != block_size or max(need + [1]) > engine.M or cache.tables:
+            raise ValueError("the EnginePasses' cache has another block size, too narrow tables, "
                              "or sequences left in it")
     else:
-        cache = PagedKVCache.for_model(model.config, max(num_blocks, 1) + int(bool(graphed_decode)),
+        cache = PagedKVCache.for_model(model.config, max(num_blocks, 1) + int(bool(graphed)),
                                        block_size, dtype=p.dtype, device=p.device)
-        if graphed_decode:                             # the padding rows' scratch block
-            graphed = GraphedDecode(model, cache, max(need + [1]), cache.allocator.allocate(), attention)
+        if graphed:                                    # the padding slots' scratch block
+            engine = EnginePasses(model, cache, max(need + [1]), cache.allocator.allocate(),
+                                  "all" if graphed == "all" else "decode", attention)
     at = list(arrivals) if arrivals is not None else [0.0] * len(prompts)
     requests = [Request(i, len(x), n, float(at[i])) for i, (x, n) in enumerate(zip(prompts, n_new)) if n > 0]
     sched = Scheduler(requests, policy, token_budget, composers)
     tokens = [x.tolist() for x in prompts]
+    token_times = {r.id: [] for r in requests}         # when each new token came out
     reserved = [0]
 
     def can_admit(r):
@@ -555,19 +673,22 @@ def run_engine(model, prompts, max_new_tokens, policy: str = "splitfuse", token_
         if step_hook is not None:
             step_hook(batch)
         ids = [rid for rid, _, _ in batch]
-        chunks = [torch.tensor(tokens[rid][start:start + n]) for rid, start, n in batch]
-        if graphed is not None and all(n == 1 for _, _, n in batch):
-            nxt = dict(zip(ids, graphed(ids, [int(c[0]) for c in chunks])))
+        chunks = [tokens[rid][start:start + n] for rid, start, n in batch]
+        if engine is not None:
+            nxt = dict(zip(ids, engine(ids, chunks)))
         else:
+            chunks = [torch.tensor(c) for c in chunks]
             logits = paged_forward(model, cache, ids, chunks, attention)        # (S, V)
             nxt = dict(zip(ids, logits.argmax(-1).tolist()))                   # (syncs the device)
         passes += 1
-        for rid in sched.complete(batch, clock()):
+        now = clock()
+        for rid in sched.complete(batch, now):
             tokens[rid].append(nxt[rid])
+            token_times[rid].append(now)
             if rid in sched.finish:
                 cache.free(rid)
                 reserved[0] -= need[rid]
     if stats is not None:
         stats.update(first_token=dict(sched.first_token), finish=dict(sched.finish),
-                     requests=requests, passes=passes)
+                     requests=requests, passes=passes, token_times=token_times)
     return [torch.tensor(t, dtype=torch.long) for t in tokens]

@@ -148,22 +148,75 @@ def test_fit_recovers_a_known_cost_model():
     assert fit.kv_ms == pytest.approx(2e-3) and fit.pair_ms == pytest.approx(3e-5, rel=1e-6)
 
 
+@pytest.mark.parametrize("graphed", ["decode", "all"])
 @pytest.mark.parametrize("policy", ["continuous", "splitfuse"])
-def test_graphed_decode_path_equals_greedy(small, policy):
+def test_fixed_shape_engine_passes_equal_greedy(small, policy, graphed):
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 61, (n,), generator=g) for n in (4, 30, 9, 2, 17)]
     n_new = [3, 9, 1, 7, 4]
-    out = run_engine(small, prompts, n_new, policy=policy, token_budget=12, block_size=4, graphed_decode=True)
+    out = run_engine(small, prompts, n_new, policy=policy, token_budget=12, block_size=4, graphed=graphed)
     for p, n, o in zip(prompts, n_new, out):
         assert torch.equal(o, generate(small, p[None], n)[0])
 
 
-def test_graphed_decode_built_once_and_reused(small):
-    from llmopt.scheduler import GraphedDecode
+def test_engine_passes_built_once_and_reused(small):
+    from llmopt.scheduler import EnginePasses
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 61, (n,), generator=g) for n in (6, 20, 3)]
-    gd = GraphedDecode.build(small, num_blocks=12, block_size=4, max_batch=3)
+    ep = EnginePasses.build(small, num_blocks=12, block_size=4, mode="all", max_seqs=3, max_tokens=8)
     for policy in ("splitfuse", "continuous"):
-        out = run_engine(small, prompts, 5, policy=policy, token_budget=8, block_size=4, graphed_decode=gd)
+        out = run_engine(small, prompts, 5, policy=policy, token_budget=8, block_size=4, graphed=ep)
         for p, o in zip(prompts, out):
             assert torch.equal(o, generate(small, p[None], 5)[0])
+    with pytest.raises(ValueError, match="mode"):
+        EnginePasses.build(small, num_blocks=4, block_size=4, mode="sometimes")
+
+
+def test_padded_pass_equals_the_exact_one(small):
+    """What a graph replays -- a pass padded to its (N, S) bucket -- gives the tokens of the
+    exact-size pass, and the padding writes only the scratch block."""
+    from llmopt.scheduler import EnginePasses
+    g = torch.Generator().manual_seed(6)
+    chunks = [torch.randint(3, 61, (n,), generator=g) for n in (5, 1, 7)]
+    outs, pools = [], []
+    for pad in (False, True):
+        ep = EnginePasses.build(small, num_blocks=16, block_size=4, mode="all", use_graph=False)
+        for i in range(3):
+            ep.cache.add_sequence(i)
+        if pad:                                     # run the step on buffers of a bigger bucket
+            ep._buffers_exact = ep._buffers
+            ep._buffers = lambda n, s, f=ep._buffers_exact: f(16, 4)
+        outs.append(ep(list(range(3)), chunks))
+        used = sorted(b for t in ep.cache.tables.values() for b in t)
+        pools.append(ep.cache.k[:, used].clone())
+        assert ep.cache.k[:, [b for b in range(16) if b not in used and b != ep.scratch]].abs().sum() == 0
+    assert outs[0] == outs[1]
+    assert torch.equal(pools[0], pools[1])
+
+
+def test_effective_throughput_counts_requests_within_the_sla():
+    from llmopt.scheduler import effective_throughput
+    reqs = [Request(0, 100, 11, 0.0), Request(1, 100, 11, 1.0), Request(2, 50, 1, 2.0)]
+    first = {0: 0.1, 1: 1.5, 2: 2.05}          # TTFT 0.1 s, 0.5 s, 0.05 s
+    finish = {0: 1.1, 1: 2.0, 2: 4.0}          # 10 tokens in 1 s and in 0.5 s
+    # prompt SLA 100/200 = 0.5 s for 0 and 1, 0.25 s for 2; generation >= 10 tokens/s
+    m = effective_throughput(reqs, first, finish, prompt_rate=200, gen_rate=10)
+    assert m["met"] == 3 and m["effective_rps"] == pytest.approx(3 / 4.0)
+    m = effective_throughput(reqs, first, finish, prompt_rate=400, gen_rate=10)   # 0.25 s: 1 misses
+    assert m["met"] == 2
+    m = effective_throughput(reqs, first, finish, prompt_rate=200, gen_rate=15)   # 0 generates too slowly
+    assert m["met"] == 2 and m["fraction"] == pytest.approx(2 / 3)
+
+
+def test_effective_throughput_ema_counts_a_stall_the_average_hides():
+    from llmopt.scheduler import effective_throughput
+    reqs = [Request(0, 10, 21, 0.0)]
+    steady = [0.01 + 0.1 * i for i in range(21)]                    # 10 tokens/s throughout
+    stall = [0.01 + 0.05 * i for i in range(10)] + [0.46 + 0.6] + [1.06 + 0.05 * i for i in range(1, 11)]
+    for times, ok in ((steady, True), (stall, False)):
+        first, finish = {0: times[0]}, {0: times[-1]}
+        mean = effective_throughput(reqs, first, finish, prompt_rate=100, gen_rate=9)
+        assert mean["met"] == 1                                       # 20 tokens in <= 2 s on average
+        m = effective_throughput(reqs, first, finish, prompt_rate=100, gen_rate=9,
+                                 token_times={0: times}, ema=0.5)
+        assert m["met"] == int(ok)
