@@ -2,12 +2,16 @@
 continuous vs static batching.
 
     PYTHONPATH=lib python bench/paged_attention.py [--out bench/results] [--quick]
+    PYTHONPATH=lib python bench/paged_attention.py --sweep --only-attention --out DIR   # ~3 min
 
 1. Decode attention (one query per sequence), batch 64, 32 heads of d = 128, bf16, contexts
-   1k-8k tokens in blocks of 16 at shuffled physical places: ``paged_attention_triton``
-   (several tokens-per-step / warps configurations, the best one reported) against
-   ``F.scaled_dot_product_attention`` on a contiguous (B, H, n, d) cache of the same tokens,
-   in the same process; medians of CUDA events. Bytes read / time gives the bandwidth.
+   512-8k tokens in blocks of 16 at shuffled physical places: ``paged_attention_triton``'s
+   kernel with the library's choice (``_config``) against ``F.scaled_dot_product_attention``
+   on a contiguous (B, H, n, d) cache of the same tokens, in the same process; medians of
+   CUDA events (single calls, and back to back: launch overhead hidden). Bytes read / time
+   gives the bandwidth. ``--sweep``: every config of ``SWEEP`` (tokens per step, warps,
+   split-KV slices, pipeline stages, heads per program, eviction hints, program order) at
+   every context, a table of paged / SDPA, written to ``paged_attention_sweep.json``.
 2. KV memory holding tokens: a ShareGPT-like spread of request lengths (lognormal, mean
    ≈ 460 tokens), contiguous reservation of 2,048 tokens per request vs blocks of 16; and,
    while ``serve`` runs, the utilization of the blocks in use at every step.
@@ -19,7 +23,12 @@ continuous vs static batching.
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -32,58 +41,220 @@ OPT_125M = dict(vocab_size=50272, max_position_embeddings=2048, n_layer=12, n_he
                 d_model=768, d_ff=3072)
 
 
-def attention_rows(contexts, S=64, H=32, d=128, B=16, dtype=torch.bfloat16, device="cuda"):
+def _cfg(block_n, warps, splits, stages, heads, evict=True, heads_first=True):
+    return pa._Config(block_n, warps, splits, stages, heads, evict, heads_first)
+
+
+# The sweep (--sweep): tokens per step, warps, splits, loop pipeline stages (None: not
+# pipelined), heads per program (G), eviction hints, program order. Tiles of BLOCK_N·G·d ≤
+# 8,192 elements per K and per V keep the registers in bounds (one 64 KB tile at 8 warps);
+# pipelined tiles sit in shared memory, ~2·(stages-1)·BLOCK_N·G·d·2 bytes per program;
+# programs = 64 rows · 32/G groups · splits.
+SWEEP = [
+    # not pipelined: the previous library choices (rows-first order, no hints), and a few others
+    _cfg(32, 1, 4, None, 1, False, False),   # the previous library choice below 2k tokens
+    _cfg(32, 1, 8, None, 1, False, False),   # ... and from 2k
+    _cfg(32, 1, 4, None, 1), _cfg(16, 2, 8, None, 4), _cfg(8, 2, 16, None, 8), _cfg(4, 4, 16, None, 32),
+    # G = 1: one head per program, the loop pipelined (cp.async, stages - 1 steps ahead)
+    _cfg(32, 1, 4, 2, 1, False, False), _cfg(32, 1, 4, 3, 1, False, False),
+    _cfg(32, 1, 4, 4, 1, False, False), _cfg(32, 1, 8, 3, 1, False, False),
+    _cfg(32, 1, 4, 3, 1), _cfg(32, 1, 8, 3, 1), _cfg(16, 1, 8, 3, 1), _cfg(16, 1, 8, 5, 1),
+    _cfg(64, 2, 8, 3, 1),
+    # G = 2: 512 contiguous bytes per token
+    _cfg(16, 1, 4, 3, 2), _cfg(16, 1, 8, 3, 2), _cfg(16, 1, 8, 4, 2), _cfg(32, 2, 8, 3, 2),
+    # G = 4
+    _cfg(8, 1, 8, 3, 4), _cfg(8, 1, 8, 4, 4), _cfg(16, 2, 4, 3, 4), _cfg(16, 2, 8, 3, 4),
+    _cfg(16, 2, 16, 3, 4), _cfg(16, 2, 8, 2, 4), _cfg(16, 4, 8, 3, 4), _cfg(16, 2, 8, 3, 4, False, True),
+    # G = 8: 2 KB per token
+    _cfg(4, 1, 16, 3, 8), _cfg(4, 1, 16, 4, 8), _cfg(8, 2, 8, 3, 8), _cfg(8, 2, 16, 3, 8),
+    _cfg(8, 2, 16, 2, 8), _cfg(8, 4, 32, 3, 8), _cfg(16, 4, 16, 3, 8),
+    _cfg(8, 2, 16, 3, 8, True, False), _cfg(8, 2, 16, 3, 8, False, True),
+    # G = 16
+    _cfg(2, 1, 32, 3, 16), _cfg(4, 2, 16, 3, 16), _cfg(4, 2, 32, 3, 16), _cfg(8, 4, 16, 3, 16),
+    _cfg(4, 2, 16, 4, 16),
+    # G = 32 = all heads: a block of 16 tokens is one 128 KB contiguous stream
+    _cfg(1, 1, 32, 3, 32), _cfg(2, 2, 16, 3, 32), _cfg(2, 2, 32, 3, 32), _cfg(2, 2, 16, 4, 32),
+    _cfg(4, 4, 16, 3, 32), _cfg(4, 4, 32, 3, 32), _cfg(8, 8, 16, 2, 32),
+]
+
+
+def config_spec(c) -> str:
+    """The --configs form of a config: 'block_n,warps,splits,stages,heads,evict,heads_first'."""
+    return (f"{c.block_n},{c.num_warps},{c.splits},{c.num_stages},{c.heads},{int(c.evict)},"
+            f"{int(c.heads_first)}")
+
+
+def compile_only(spec: str) -> int:
+    """(In a subprocess) compile and run one config at the sweep's shapes; 0 if it is right."""
+    torch.manual_seed(0)
+    (cfg,) = parse_configs(spec)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    S, H, d, B, n = 16, 32, 128, 16, 256          # the sweep's specialisations (S, strides % 16 == 0)
+    tables = torch.randperm(S * n // B, device=dev).view(S, n // B).int()
+    kc = torch.randn(S * n // B, B, H, d, device=dev, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    q = torch.randn(S, H, d, device=dev, dtype=torch.bfloat16)
+    lens = torch.randint(1, n + 1, (S,), device=dev, dtype=torch.int32)
+    o = torch.empty_like(q)
+    pa._launch(q, kc, vc, o, tables, lens, d ** -0.5, **cfg._asdict())
+    err = (o.float() - pa.paged_attention(q, kc, vc, tables, lens).float()).abs().max().item()
+    print(f"{spec}: max err {err:.3g}")
+    return 0 if err < 0.05 else 1
+
+
+def precompile(configs, workers: int = 8, timeout: float = 300.0):
+    """Compile every config in its own subprocess, several at a time, into Triton's on-disk
+    cache (the sweep then loads them); a config that fails, is wrong or crashes the compiler is
+    dropped with its message instead of ending the sweep. Returns (ok, [(config, message)])."""
+    def one(cfg):
+        try:
+            r = subprocess.run([sys.executable, os.path.abspath(__file__), "--compile-only", config_spec(cfg)],
+                               capture_output=True, text=True, timeout=timeout)
+            return cfg, r.returncode, (r.stdout + r.stderr).strip()[-400:]
+        except subprocess.TimeoutExpired:
+            return cfg, -1, f"compile timed out after {timeout:.0f} s"
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(workers) as ex:
+        results = list(ex.map(one, configs))
+    ok = [c for c, rc, _ in results if rc == 0]
+    failed = [(c, msg) for c, rc, msg in results if rc != 0]
+    print(f"precompiled {len(ok)}/{len(configs)} configs in {time.perf_counter() - t0:.0f} s "
+          f"({workers} at a time)", flush=True)
+    for c, msg in failed:
+        print(f"  dropped {config_name(c)}: {msg}", flush=True)
+    return ok, failed
+
+
+def parse_configs(text: str) -> list:
+    """'block_n,warps,splits,stages,heads,evict,heads_first;...' -> [pa._Config, ...]."""
+    out = []
+    for item in filter(None, (x.strip() for x in text.split(";"))):
+        f = [x.strip() for x in item.split(",")]
+        out.append(pa._Config(int(f[0]), int(f[1]), int(f[2]), None if f[3] == "None" else int(f[3]),
+                              int(f[4]), bool(int(f[5])), bool(int(f[6]))))
+    return out
+
+
+def config_name(c) -> str:
+    return (f"BLOCK_N={c.block_n}, warps={c.num_warps}, splits={c.splits}, stages={c.num_stages}, "
+            f"G={c.heads}, evict={int(c.evict)}, order={'heads' if c.heads_first else 'rows'}")
+
+
+def attention_rows(contexts, configs=None, S=64, H=32, d=128, B=16, dtype=torch.bfloat16, device="cuda",
+                   reps=(5, 50), b2b=10, budget_s=None, save=None):
+    """SDPA on a contiguous cache vs paged_attention_triton's kernel per config and context.
+
+    ``configs`` None: only the library's choice (``_config``) per context; otherwise every
+    config (plus the library's). ``ms``: median of single calls (CUDA events, as
+    ``time_ms``: the host's launch time counts when the GPU is idle); ``ms_b2b``: ``b2b``
+    calls back to back per timing / b2b (launch overhead hidden, the device time).
+    ``budget_s``: past it, the remaining configs are timed with fewer reps and no b2b.
+    """
     rows = []
-    configs = [(64, 4, 1), (128, 4, 1), (128, 4, 2), (64, 2, 8), (32, 2, 8), (32, 1, 8),
-               (32, 1, 16), (16, 1, 16)]
-    configs = [(*c, None) for c in configs] + [
-        (64, 2, 8, 4), (32, 1, 8, 4), (32, 1, 8, 3), (32, 1, 8, 5), (32, 1, 4, 4), (32, 1, 16, 4),
-        (16, 1, 8, 4), (16, 1, 16, 4), (64, 1, 8, 4)]
+    t_start = time.perf_counter()
+    meta = dict(part="attention", batch=S, heads=H, head_dim=d, block_size=B, dtype=str(dtype)[6:])
     for n in contexts:
         nb = S * (n // B)
         g = torch.Generator(device=device).manual_seed(n)
         tables = torch.randperm(nb, device=device, generator=g).view(S, n // B).int()
-        kc = torch.randn(nb, B, H, d, device=device, dtype=dtype)
-        vc = torch.randn(nb, B, H, d, device=device, dtype=dtype)
-        q = torch.randn(S, H, d, device=device, dtype=dtype)
+        kc = torch.randn(nb, B, H, d, device=device, dtype=dtype, generator=g)
+        vc = torch.randn(nb, B, H, d, device=device, dtype=dtype, generator=g)
+        q = torch.randn(S, H, d, device=device, dtype=dtype, generator=g)
         lens = torch.full((S,), n, dtype=torch.int32, device=device)
         k = kc[tables.long()].flatten(1, 2).transpose(1, 2).contiguous()   # (S, H, n, d)
         v = vc[tables.long()].flatten(1, 2).transpose(1, 2).contiguous()
         sdpa = lambda: F.scaled_dot_product_attention(q[:, :, None], k, v)  # noqa: E731
-        expected = sdpa()[:, :, 0]
-        ms_sdpa = time_ms(sdpa, warmup=5, rep=50)
-        best = None
-        for block_n, warps, splits, stages in configs:
-            o = torch.empty_like(q)
-            run = lambda: pa._launch(q, kc, vc, o, tables, lens, d ** -0.5, block_n, warps, splits,  # noqa: E731
-                                     stages)
-            run()
-            err = (o.float() - expected.float()).abs().max().item()
-            ms = time_ms(run, warmup=5, rep=50)
-            rows.append(dict(part="attention", context=n, batch=S, heads=H, head_dim=d, block_size=B,
-                             dtype=str(dtype)[6:], ms=ms, max_abs_err=err,
-                             impl=f"triton paged (BLOCK_N={block_n}, warps={warps}, splits={splits}"
-                                  + ("" if stages is None else f", stages={stages}") + ")"))
-            if best is None or ms < best[0]:
-                best = (ms, (block_n, warps, splits, stages), err)
+        expected = sdpa()[:, :, 0].float()
         nbytes = 2 * S * n * H * d * kc.element_size()
-        rows.append(dict(part="attention", context=n, batch=S, heads=H, head_dim=d, block_size=B,
-                         dtype=str(dtype)[6:], impl="sdpa contiguous", ms=ms_sdpa,
+
+        def timed(fn, fast=False):
+            ms = time_ms(fn, warmup=reps[0], rep=reps[1] if not fast else max(3, reps[1] // 5))
+            if not b2b or fast:
+                return ms, None
+            many = lambda: [fn() for _ in range(b2b)]  # noqa: E731
+            return ms, time_ms(many, warmup=1, rep=max(2, reps[1] // 5)) / b2b
+
+        ms_sdpa, b2b_sdpa = timed(sdpa)
+        rows.append(dict(meta, context=n, impl="sdpa contiguous", ms=ms_sdpa, ms_b2b=b2b_sdpa,
                          gbps=gbps(nbytes, ms_sdpa)))
-        rows.append(dict(part="attention", context=n, batch=S, heads=H, head_dim=d, block_size=B,
-                         dtype=str(dtype)[6:], impl="triton paged (best)", ms=best[0],
-                         config=list(best[1]), max_abs_err=best[2], gbps=gbps(nbytes, best[0]),
-                         speedup_vs_sdpa=ms_sdpa / best[0]))
-        bn, w, sp, st = pa._config(n)
-        default = [r for r in rows if r["context"] == n and r["impl"] == (
-            f"triton paged (BLOCK_N={bn}, warps={w}, splits={sp}" + ("" if st is None else f", stages={st}") + ")")]
-        print(f"context {n:5d}: sdpa {ms_sdpa:.3f} ms, triton paged {best[0]:.3f} ms "
-              f"(BLOCK_N, warps, splits, stages = {best[1]}) = {ms_sdpa / best[0]:.2f}x, "
-              f"{gbps(nbytes, best[0]):.0f} GB/s, max err {best[2]:.3g}; library default {pa._config(n)}: "
-              f"{ms_sdpa / default[0]['ms']:.2f}x", flush=True)
+        library = pa._config(n)
+        todo = list(configs or []) + ([library] if library not in (configs or []) else [])
+        per_ctx = []
+        for cfg in todo:
+            o = torch.empty_like(q)
+            run = lambda: pa._launch(q, kc, vc, o, tables, lens, d ** -0.5, **cfg._asdict())  # noqa: E731
+            try:  # a config that does not compile (registers, shared memory) is recorded, not fatal
+                run()
+                err = (o.float() - expected).abs().max().item()
+                fast = budget_s is not None and time.perf_counter() - t_start > budget_s
+                ms, ms_b2b = timed(run, fast)
+            except Exception as e:  # noqa: BLE001
+                print(f"context {n}: {config_name(cfg)} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                rows.append(dict(meta, context=n, impl=f"triton paged ({config_name(cfg)})",
+                                 config=cfg._asdict(), error=f"{type(e).__name__}: {str(e)[:500]}"))
+                continue
+            groups = -(-H // min(cfg.heads, 1 << (H - 1).bit_length()))
+            row = dict(meta, context=n, impl=f"triton paged ({config_name(cfg)})", config=cfg._asdict(),
+                       library=cfg == library, programs=S * groups * cfg.splits,
+                       ms=ms, ms_b2b=ms_b2b, max_abs_err=err, gbps=gbps(nbytes, ms),
+                       speedup_vs_sdpa=ms_sdpa / ms,
+                       speedup_vs_sdpa_b2b=None if ms_b2b is None else b2b_sdpa / ms_b2b)
+            rows.append(row)
+            per_ctx.append(row)
+        right = [r for r in per_ctx if r["max_abs_err"] < 0.05]
+        if not right:
+            continue
+        best = min(right, key=lambda r: r["ms"])
+        lib = next((r for r in per_ctx if r["library"]), best)
+        rows.append(dict(meta, context=n, impl="triton paged (best)", ms=best["ms"], config=best["config"],
+                         max_abs_err=best["max_abs_err"], gbps=best["gbps"],
+                         speedup_vs_sdpa=best["speedup_vs_sdpa"], speedup_vs_sdpa_b2b=best["speedup_vs_sdpa_b2b"]))
+        rows.append(dict(meta, context=n, impl="triton paged (library)", ms=lib["ms"], config=lib["config"],
+                         max_abs_err=lib["max_abs_err"], gbps=lib["gbps"],
+                         speedup_vs_sdpa=lib["speedup_vs_sdpa"], speedup_vs_sdpa_b2b=lib["speedup_vs_sdpa_b2b"]))
+        wrong = [r["impl"] for r in per_ctx if not r["max_abs_err"] < 0.05]
+        print(f"context {n:5d}: sdpa {ms_sdpa:.3f} ms ({gbps(nbytes, ms_sdpa):.0f} GB/s); best "
+              f"{best['ms']:.3f} ms = {best['speedup_vs_sdpa']:.2f}x, {best['gbps']:.0f} GB/s "
+              f"[{best['impl']}]; library {lib['speedup_vs_sdpa']:.2f}x; "
+              f"{time.perf_counter() - t_start:.0f} s" + (f"; WRONG: {wrong}" if wrong else ""), flush=True)
         del k, v, kc, vc
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        if save:
+            save(rows)  # kept if a later context runs out of time
     return rows
+
+
+def print_sweep(rows):
+    """A table of paged / SDPA per config (rows) and context (columns), best marked with *."""
+    att = [r for r in rows if r.get("part") == "attention" and "programs" in r and r["max_abs_err"] < 0.05]
+    contexts = sorted({r["context"] for r in att})
+    names = list(dict.fromkeys(r["impl"] for r in att))
+    cell = {(r["impl"], r["context"]): r for r in att}
+    best = {n: max((r for r in att if r["context"] == n), key=lambda r: r["speedup_vs_sdpa"])["impl"]
+            for n in contexts}
+    print("\npaged / SDPA (single calls; in brackets: back to back, launch overhead hidden); "
+          "* best per context")
+    print(f"{'config':84s}" + "".join(f"{n:>15d}" for n in contexts) + f"{'geo-mean':>10s}")
+    for name in names:
+        cells, logs = [], []
+        for n in contexts:
+            r = cell.get((name, n))
+            if r is None:
+                cells.append(f"{'-':>15s}")
+                continue
+            b = r["speedup_vs_sdpa_b2b"]
+            star = "*" if best[n] == name else " "
+            cells.append(f"{r['speedup_vs_sdpa']:8.2f}{star}" + (f"({b:.2f})" if b else "      "))
+            logs.append(math.log(r["speedup_vs_sdpa"]))
+        geo = math.exp(sum(logs) / len(logs)) if logs else float("nan")
+        lib = " [library]" if any(cell.get((name, n), {}).get("library") for n in contexts) else ""
+        print(f"{(name[len('triton paged ('):-1] + lib):84s}" + "".join(cells) + f"{geo:10.3f}")
+    print("\nbest per context (paste into _CONFIGS):")
+    for n in contexts:
+        r = cell[(best[n], n)]
+        args = ", ".join(f"{k}={v!r}" for k, v in r["config"].items())
+        print(f"    ({n}, _Config({args})),  # {r['speedup_vs_sdpa']:.2f}x, {r['gbps']:.0f} GB/s")
 
 
 def workload(n_req, seed=0, max_len=2048):
@@ -188,22 +359,58 @@ def serve_rows(device, dtype, n_req, max_batch, quick=False):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="directory of the JSON (default bench/results)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--requests", type=int, default=512)
+    ap.add_argument("--sweep", action="store_true",
+                    help="time every config of SWEEP at every context; writes paged_attention_sweep.json")
+    ap.add_argument("--only-attention", action="store_true", help="skip the memory and serve parts")
+    ap.add_argument("--budget-s", type=float, default=200.0,
+                    help="sweep: past this many seconds, fewer reps and no back-to-back timing")
+    ap.add_argument("--configs", default=None,
+                    help="sweep these instead of SWEEP: 'block_n,warps,splits,stages,heads,evict,heads_first;...' "
+                         "(stages may be None; evict, heads_first 0/1), e.g. '16,2,8,4,4,1,1;8,2,16,4,8,1,1'")
+    ap.add_argument("--contexts", default=None, help="comma-separated contexts (default 512,...,8192)")
+    ap.add_argument("--compile-only", default=None, help=argparse.SUPPRESS)  # precompile's subprocesses
+    ap.add_argument("--workers", type=int, default=8, help="sweep: configs compiled at a time")
     args = ap.parse_args()
+    if args.compile_only:
+        sys.exit(compile_only(args.compile_only))
+    if args.configs:
+        args.sweep = True
+    name = "paged_attention_sweep" if args.sweep else "paged_attention"
     note = ("decode attention batch 64, 32 heads, d=128, bf16, blocks of 16; serve on a random "
             "OPT-125m-sized model, bf16, the Triton kernel, at most 64 running")
-    rows = memory_rows()
-    path = write_results("paged_attention", rows, out_dir=args.out, note=note)
+    rows = [] if args.only_attention else memory_rows()
+    save = lambda rows: write_results(name, rows, out_dir=args.out, note=note)  # noqa: E731
+    path = save(rows)
+    configs = (parse_configs(args.configs) if args.configs else SWEEP) if args.sweep else None
     if torch.cuda.is_available():
         contexts = [1024, 8192] if args.quick else [512, 1024, 2048, 4096, 8192]
-        rows += attention_rows(contexts)
-        path = write_results("paged_attention", rows, out_dir=args.out, note=note)  # kept if serve runs out of time
-        rows += serve_rows("cuda", torch.bfloat16, 64 if args.quick else args.requests, 64, args.quick)
-        path = write_results("paged_attention", rows, out_dir=args.out, note=note)
+        if args.contexts:
+            contexts = [int(n) for n in args.contexts.split(",")]
+        if configs:
+            library = list(dict.fromkeys(pa._config(n) for n in contexts))
+            ok, failed = precompile(list(dict.fromkeys(configs + library)), workers=args.workers)
+            rows += [dict(part="attention_dropped", impl=f"triton paged ({config_name(c)})",
+                          config=c._asdict(), error=msg) for c, msg in failed]
+            configs = [c for c in configs if c in ok]
+        rows += attention_rows(contexts, configs, budget_s=args.budget_s if args.sweep else None,
+                               save=lambda r: save(rows + r))
+        path = save(rows)
+        if args.sweep:
+            print_sweep(rows)
+        if not args.only_attention:
+            rows += serve_rows("cuda", torch.bfloat16, 64 if args.quick else args.requests, 64, args.quick)
+            path = save(rows)
+    elif args.quick:  # the attention part at toy sizes through the Triton interpreter
+        rows += attention_rows([32, 64], configs and configs[::10], S=2, H=4, d=16, B=4,
+                               dtype=torch.float32, device="cpu", reps=(0, 1), b2b=2)
+        path = save(rows)
+        if args.sweep:
+            print_sweep(rows)
     else:
-        print("no GPU: only the memory part runs")
+        print("no GPU: only the memory part runs (--quick: the attention part at toy sizes)")
     print("wrote", path)
 
 

@@ -39,8 +39,10 @@ block_size, H, d); block tables (S, max_blocks) int32; context lengths (S,) int3
 """
 from __future__ import annotations
 
+import math
 import os
 from collections import deque
+from typing import NamedTuple
 
 import torch
 import triton
@@ -269,54 +271,79 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale=None)
 @triton.jit
 def _paged_attention_kernel(Q, K, V, O, Tables, Lens, Part, scale,
                             stride_qs, stride_qh, stride_kb, stride_kt, stride_kh,
-                            stride_ts, stride_os, stride_oh, H,
+                            stride_ts, stride_os, stride_oh, S, H,
                             BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                            BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr):
-    # one program per (row s, head h, split); BLOCK_N tokens per step, any block size.
-    # NUM_SPLITS > 1 (flash-decoding): each split walks one slice of the context and writes
-    # its unnormalised (acc, m, ℓ) to Part; _paged_combine_kernel merges the slices.
-    s = tl.program_id(0)
-    h = tl.program_id(1)
-    split = tl.program_id(2)
+                            BLOCK_N: tl.constexpr, HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                            SPLIT_ALIGN: tl.constexpr, HEADS_FIRST: tl.constexpr,
+                            KV_POLICY: tl.constexpr, TABLE_POLICY: tl.constexpr,
+                            LOOP_STAGES: tl.constexpr, UPCAST: tl.constexpr):
+    # One program per (row s, group of HEADS = G adjacent heads, split); BLOCK_N tokens per
+    # step. A token's keys sit in the cache as (H, d) rows side by side, so the G heads of a
+    # group are G·d contiguous elements per token (G = 1: one 256-byte row of bf16; G = H: the
+    # whole token, and a block of B tokens is one contiguous stream). Every head keeps its own
+    # online softmax (m, ℓ, acc).
+    # NUM_SPLITS > 1 (flash-decoding): each split walks one slice of the context (slices start
+    # on a multiple of SPLIT_ALIGN, i.e. on block boundaries) and writes its unnormalised
+    # (acc, m, ℓ) to Part; _paged_combine_kernel merges the slices.
+    # LOOP_STAGES > 1: Triton software-pipelines the loop's loads (tl.range's num_stages:
+    # cp.async into shared memory, LOOP_STAGES - 1 steps ahead); unpipelined, the same tiles
+    # ran at 0.4x SDPA's speed in bench/paged_attention.py's sweep on an H200.
+    n_groups = tl.cdiv(H, HEADS)
+    pid = tl.program_id(0)
+    if HEADS_FIRST:   # neighbouring programs: the head groups of one row (they read the same blocks)
+        s = pid // n_groups
+        grp = pid % n_groups
+    else:             # neighbouring programs: the same heads of neighbouring rows
+        s = pid % S
+        grp = pid // S
+    split = tl.program_id(1)
     n_ctx = tl.load(Lens + s)
-    chunk = tl.cdiv(tl.cdiv(n_ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(n_ctx, NUM_SPLITS), SPLIT_ALIGN) * SPLIT_ALIGN
     lo = split * chunk
     hi = tl.minimum(lo + chunk, n_ctx)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    q = tl.load(Q + s * stride_qs + h * stride_qh + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    q = q * (scale * 1.4426950408889634)                                # scores in base 2
-    offs_n = tl.arange(0, BLOCK_N)
-    m_i = tl.full([1], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([1], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        t = start + offs_n                                              # logical token positions
+    # Tiles are 3-D (tokens N, heads G, head dim D); the per-head softmax state is kept 3-D too
+    # (sizes of 1, like keepdims) so that it broadcasts against the tiles as it is.
+    offs_h = grp * HEADS + tl.arange(0, HEADS)[None, :, None]           # (1, G, 1) the group's heads
+    offs_d = tl.arange(0, BLOCK_D)[None, None, :]                       # (1, 1, D)
+    mask_hd = (offs_h < H) & (offs_d < HEAD_DIM)                        # (1, G, D)
+    q = tl.load(Q + s * stride_qs + offs_h * stride_qh + offs_d, mask=mask_hd, other=0.0)
+    q = q.to(tl.float32) * (scale * 1.4426950408889634)                 # (1, G, D) q_i, scores in base 2
+    hd = offs_h * stride_kh + offs_d                                    # (1, G, D) offsets within a token
+    offs_n = tl.arange(0, BLOCK_N)[:, None, None]                       # (N, 1, 1)
+    m_i = tl.full([1, HEADS, 1], float("-inf"), dtype=tl.float32)       # (1, G, 1) running max m
+    l_i = tl.zeros([1, HEADS, 1], dtype=tl.float32)                     # (1, G, 1) running sum ℓ
+    acc = tl.zeros([1, HEADS, BLOCK_D], dtype=tl.float32)               # (1, G, D) running Σ V_j A_ijᵀ
+    for start in tl.range(lo, hi, BLOCK_N, num_stages=LOOP_STAGES):
+        t = start + offs_n                                              # (N, 1, 1) logical positions
         valid = t < hi
-        block = tl.load(Tables + s * stride_ts + t // BLOCK_SIZE, mask=valid, other=0)  # physical
-        base = block.to(tl.int64) * stride_kb + (t % BLOCK_SIZE) * stride_kt + h * stride_kh
-        kv_mask = valid[:, None] & mask_d[None, :]
-        k = tl.load(K + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        block = tl.load(Tables + s * stride_ts + t // BLOCK_SIZE, mask=valid, other=0,
+                        eviction_policy=TABLE_POLICY)                   # (N, 1, 1) physical blocks
+        ptrs = block.to(tl.int64) * stride_kb + (t % BLOCK_SIZE) * stride_kt + hd   # (N, G, D)
+        kv_mask = valid & mask_hd
+        k = tl.load(K + ptrs, mask=kv_mask, other=0.0, eviction_policy=KV_POLICY)  # K_j (N, G, D)
+        v = tl.load(V + ptrs, mask=kv_mask, other=0.0, eviction_policy=KV_POLICY)  # V_j (N, G, D)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        x = tl.sum(k * q[None, :], axis=1)                              # (BLOCK_N,) q_iᵀ K_j
+        x = tl.sum(k * q, axis=2, keep_dims=True)                       # (N, G, 1) q_iᵀ K_j per head
         x = tl.where(valid, x, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(x, axis=0))
+        m_new = tl.maximum(m_i, tl.max(x, axis=0, keep_dims=True))      # (1, G, 1)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(x - m_safe)
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)              # + V_j A_ijᵀ
+        p = tl.math.exp2(x - m_safe)                                    # (N, G, 1)
+        alpha = tl.math.exp2(m_i - m_safe)                              # (1, G, 1) rescales the old state
+        l_i = l_i * alpha + tl.sum(p, axis=0, keep_dims=True)
+        acc = acc * alpha + tl.sum(p * v, axis=0, keep_dims=True)       # + V_j A_ijᵀ  (1, G, D)
         m_i = m_new
     if NUM_SPLITS == 1:
-        tl.store(O + s * stride_os + h * stride_oh + offs_d, (acc / l_i).to(O.dtype.element_ty), mask=mask_d)
+        tl.store(O + s * stride_os + offs_h * stride_oh + offs_d, (acc / l_i).to(O.dtype.element_ty),
+                 mask=mask_hd)
     else:
-        row = ((s * H + h) * NUM_SPLITS + split) * (BLOCK_D + 2)        # Part: (S, H, splits, D + 2)
-        tl.store(Part + row + offs_d, acc)
-        tl.store(Part + row + BLOCK_D + tl.arange(0, 1), m_i)
-        tl.store(Part + row + BLOCK_D + 1 + tl.arange(0, 1), l_i)
+        # Part: (S, H, splits, D + 2) fp32; the group's G rows of this split
+        row = ((s.to(tl.int64) * H + offs_h) * NUM_SPLITS + split) * (BLOCK_D + 2)  # (1, G, 1)
+        mask_h = offs_h < H
+        tl.store(Part + row + offs_d, acc, mask=mask_h)
+        tl.store(Part + row + BLOCK_D, m_i, mask=mask_h)
+        tl.store(Part + row + BLOCK_D + 1, l_i, mask=mask_h)
 
 
 @triton.jit
@@ -327,7 +354,7 @@ def _paged_combine_kernel(Part, O, stride_os, stride_oh, H, HEAD_DIM: tl.constex
     h = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
     k = tl.arange(0, NUM_SPLITS)
-    rows = ((s * H + h) * NUM_SPLITS + k) * (BLOCK_D + 2)
+    rows = ((s.to(tl.int64) * H + h) * NUM_SPLITS + k) * (BLOCK_D + 2)
     m = tl.load(Part + rows + BLOCK_D)                                  # (splits,)
     l = tl.load(Part + rows + BLOCK_D + 1)
     acc = tl.load(Part + rows[:, None] + offs_d[None, :])               # (splits, D)
@@ -342,9 +369,9 @@ def _interpreting() -> bool:
 
 
 def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale=None):
-    """``paged_attention`` as a Triton decode kernel: one program per (row, head) walks the
-    row's block table, loads each physical block's keys and values in place and keeps an
-    online softmax (m, ℓ) over all of them."""
+    """``paged_attention`` as a Triton decode kernel: one program per (row, group of heads)
+    walks the row's block table, loads each physical block's keys and values in place and
+    keeps an online softmax (m, ℓ) per head over all of them."""
     S, H, d = q.shape
     B = k_cache.shape[1]
     scale = d ** -0.5 if scale is None else scale
@@ -355,34 +382,66 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scal
     o = torch.empty_like(q)
     if S == 0:
         return o
-    block_n, num_warps, splits, stages = (64, 4, 1, None) if _interpreting() else _config(tables.shape[1] * B)
-    _launch(q, k_cache, v_cache, o, tables, lens, scale, max(triton.next_power_of_2(B), block_n),
-            num_warps, splits, stages)
+    cfg = _INTERPRETER_CONFIG if _interpreting() else _config(tables.shape[1] * B)
+    _launch(q, k_cache, v_cache, o, tables, lens, scale, **cfg._asdict())
     return o
 
 
-def _config(width: int) -> tuple[int, int, int, int | None]:
-    """(tokens per step, warps, splits, pipeline stages) by the longest context the tables can
-    hold: the best of bench/paged_attention.py's sweep on an H200 (batch 64, 32 heads of 128,
-    bf16). Decode reads each K/V row once, so small tiles on one warp with 8 slices per row
-    (flash-decoding) keep the most loads in flight."""
-    if width >= 2048:
-        return 32, 1, 8, 4   # 8 slices per row, merged by _paged_combine_kernel
-    return 32, 1, 4, 4
+class _Config(NamedTuple):
+    """One launch configuration of the decode kernel (bench/paged_attention.py --sweep)."""
+    block_n: int                    # BLOCK_N: tokens per step
+    num_warps: int
+    splits: int = 1                 # split-KV slices per row (flash-decoding), a power of 2
+    num_stages: int | None = None   # software pipelining of the loop's loads (None, 1: none)
+    heads: int = 1                  # HEADS = G: adjacent heads per program, a power of 2
+    evict: bool = False             # K/V loads evict_first (each is read once), tables evict_last
+    heads_first: bool = False       # neighbouring program ids = the head groups of one row
+
+
+# The library's choice by table width (the longest context the tables can hold, in tokens):
+# the first entry whose bound is >= the width (None: any). The best of bench/paged_attention.py
+# --sweep on an H200 (batch 64, 32 heads of 128, bf16, blocks of 16; bench/results/
+# paged_attention_sweep.json). Decode reads each K/V row once, so small tiles, several slices
+# per row and a software-pipelined loop (num_stages) keep the most loads in flight; without
+# the pipelining (num_stages=None) the same tiles ran at 0.4x SDPA in that sweep.
+_CONFIGS = (
+    (512, _Config(block_n=8, num_warps=8, splits=16, num_stages=2, heads=32, evict=True, heads_first=True)),  # 512: 0.79x SDPA, 2793 GB/s
+    (1024, _Config(block_n=16, num_warps=2, splits=8, num_stages=2, heads=4, evict=True, heads_first=True)),  # 1024: 0.86x SDPA, 3560 GB/s
+    (2048, _Config(block_n=16, num_warps=2, splits=8, num_stages=2, heads=4, evict=True, heads_first=True)),  # 2048: 0.98x SDPA, 3972 GB/s
+    (4096, _Config(block_n=8, num_warps=1, splits=8, num_stages=3, heads=4, evict=True, heads_first=True)),  # 4096: 0.95x SDPA, 4242 GB/s
+    (None, _Config(block_n=32, num_warps=1, splits=8, num_stages=3, heads=1, evict=True, heads_first=True)),  # 8192: 0.98x SDPA, 4340 GB/s
+)
+# the interpreter (CPU): large tiles and all heads in one program are the fastest
+_INTERPRETER_CONFIG = _Config(block_n=64, num_warps=4, heads=64, heads_first=True)
+
+
+def _config(width: int) -> _Config:
+    """The launch configuration for tables that hold up to ``width`` tokens (see _CONFIGS)."""
+    for bound, cfg in _CONFIGS:
+        if bound is None or width <= bound:
+            return cfg
+    return _CONFIGS[-1][1]
 
 
 def _launch(q, k_cache, v_cache, o, tables, lens, scale, block_n, num_warps, splits=1,
-            num_stages=None):
+            num_stages=None, heads=1, evict=False, heads_first=False):
+    """Run the kernel (and the combine kernel if splits > 1) into ``o``; the knobs are _Config's."""
     S, H, d = q.shape
+    B = k_cache.shape[1]
+    assert splits & (splits - 1) == 0 and heads & (heads - 1) == 0, "splits, heads: powers of 2"
+    G = min(heads, triton.next_power_of_2(H))                      # a group is at most all heads
     block_d = triton.next_power_of_2(d)
     part = (torch.empty(S, H, splits, block_d + 2, device=q.device, dtype=torch.float32)
             if splits > 1 else o)
-    _paged_attention_kernel[(S, H, splits)](
+    _paged_attention_kernel[(S * triton.cdiv(H, G), splits)](
         q, k_cache, v_cache, o, tables, lens, part, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        tables.stride(0), o.stride(0), o.stride(1), H,
-        BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n,
-        NUM_SPLITS=splits, UPCAST=_interpreting() or q.dtype == torch.float32, num_warps=num_warps,
+        tables.stride(0), o.stride(0), o.stride(1), S, H,
+        BLOCK_SIZE=B, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n, HEADS=G, NUM_SPLITS=splits,
+        SPLIT_ALIGN=math.lcm(block_n, B), HEADS_FIRST=heads_first,
+        KV_POLICY="evict_first" if evict else "", TABLE_POLICY="evict_last" if evict else "",
+        LOOP_STAGES=num_stages or 1, UPCAST=_interpreting() or q.dtype == torch.float32,
+        num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}))
     if splits > 1:
         _paged_combine_kernel[(S, H)](part, o, o.stride(0), o.stride(1), H, HEAD_DIM=d,

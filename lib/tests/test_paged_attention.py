@@ -65,6 +65,46 @@ def test_split_kv_triton_agrees(splits):
     torch.testing.assert_close(o.cpu(), dense(q.cpu(), ks, vs), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize("heads", [1, 2, 4])   # 4 >= H = 3: all heads in one program
+def test_head_groups_agree_with_the_pytorch_twin(heads, splits):
+    """G adjacent heads per program (an online softmax per head), with and without split-KV:
+    shuffled tables, ragged lengths, partly filled last blocks, rows shorter than the number
+    of splits, a last group with fewer than G heads; tiles smaller and larger than a block,
+    both program orders, eviction hints on and off, the loop pipelined or not."""
+    q, kc, vc, tables, lens, _, _ = random_paged(S=4, H=3, B=4, d=16, num_blocks=60, seed=heads + splits,
+                                                 lens=[1, 6, 37, 9])
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q, kc, vc, tables, lens = (t.to(dev) for t in (q, kc, vc, tables, lens))
+    expected = pa.paged_attention(q, kc, vc, tables, lens)
+    for block_n, stages, evict, heads_first in ((2, None, False, True), (8, 3, True, False)):
+        o = torch.empty_like(q)
+        pa._launch(q, kc, vc, o, tables, lens, 16 ** -0.5, block_n, 2, splits, stages, heads, evict, heads_first)
+        torch.testing.assert_close(o, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_head_groups_bf16_odd_block_size():
+    """bf16 loads upcast in the kernel; blocks of 3 tokens (slices start on block boundaries)."""
+    q, kc, vc, tables, lens, _, _ = random_paged(S=3, H=4, B=3, d=32, num_blocks=60, seed=7,
+                                                 dtype=torch.bfloat16, lens=[2, 31, 13])
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q, kc, vc, tables, lens = (t.to(dev) for t in (q, kc, vc, tables, lens))
+    expected = pa.paged_attention(q, kc, vc, tables, lens, scale=0.3)
+    o = torch.empty_like(q)
+    pa._launch(q, kc, vc, o, tables, lens, 0.3, 4, 2, splits=2, num_stages=None, heads=2, evict=True,
+               heads_first=True)
+    torch.testing.assert_close(o.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_library_config_table():
+    """_config picks a launch configuration for any table width; splits and heads are powers of 2."""
+    for width in (16, 512, 1024, 2048, 4096, 8192, 10 ** 6):
+        cfg = pa._config(width)
+        assert isinstance(cfg, pa._Config)
+        assert cfg.splits & (cfg.splits - 1) == 0 and cfg.heads & (cfg.heads - 1) == 0
+    assert pa._config(10 ** 6) == pa._CONFIGS[-1][1]
+
+
 def test_kv_memory_usage():
     contiguous, paged = pa.kv_memory_usage([10, 30, 17], max_seq_len=100, block_size=8)
     assert contiguous == pytest.approx(57 / 300)
