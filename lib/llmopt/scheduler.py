@@ -34,8 +34,12 @@ the previous one has finished.
   the lecture's table, ``lecture_cost_model()``, ``measure_cost_model(model)`` (this machine).
 - ``simulate(requests, policy, token_budget, cost_model)``: a discrete-event simulation; the
   metrics throughput (tokens/s), TTFT (time to first token) and latency percentiles.
+- ``effective_throughput``: FastGen's metric, requests per second that meet an SLA on the time
+  to first token and on the pace of generation.
 - ``run_engine``: the same scheduler driving the real paged engine
   (``llmopt.paged_attention.paged_forward``); greedy outputs equal ``generate`` per prompt.
+  ``EnginePasses``: the engine's passes at fixed shapes, replayed as CUDA graphs (prompt
+  chunks through ``llmopt.chunked_prefill``) -- what a fixed token budget makes cheap.
 """
 from __future__ import annotations
 
