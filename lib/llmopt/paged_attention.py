@@ -27,7 +27,8 @@ Attention over blocks, for the query q_i of a sequence with blocks K_j, V_j:
   physical block numbers from the table and never builds a contiguous copy; long contexts
   are cut into slices whose (acc, m, ℓ) a second kernel merges (flash-decoding, split-KV).
 - ``paged_forward``: one forward pass of ``llmopt.gpt.GPT`` over a ragged batch (prompts of
-  any length and single decode tokens mixed), every token at its own position.
+  any length and single decode tokens mixed), every token at its own position;
+  ``forward_tokens``: its device part (the layers over the cache with any attention).
 - ``serve``: greedy generation for many requests at once with continuous batching:
   finished sequences leave, waiting ones join, blocks are freed and reused; under memory
   pressure the newest sequence is preempted and recomputed later (vLLM's recompute mode).
@@ -476,6 +477,20 @@ def paged_forward(model, cache: PagedKVCache, seq_ids, chunks, attention=None) -
                           dtype=torch.int32)[row_of]                           # (N, M): each token's table
     ctx = (pos + 1).to(torch.int32)                                            # (N,): causal
     ids, pos, slots, tables, ctx = (t.to(device, non_blocking=True) for t in (ids, pos, slots, tables, ctx))
+    last = (torch.tensor(counts).cumsum(0) - 1).to(device)                     # each sequence's last token
+    logits = forward_tokens(model, cache, ids, pos, slots,
+                            lambda i, q: attention(q, cache.k[i], cache.v[i], tables, ctx), last)
+    for s, c in zip(seq_ids, counts):
+        cache.advance(s, c)
+    return logits                                                              # (S, V)
+
+
+def forward_tokens(model, cache: PagedKVCache, ids, pos, slots, attend, rows=None) -> torch.Tensor:
+    """``llmopt.gpt.GPT`` over N new tokens ``ids`` (N,) at positions ``pos`` (N,): every
+    layer writes their keys and values to the cache at flat ``slots`` (N,), then attends with
+    ``attend(layer, q) -> o`` (q, o: (N, H, d)). Returns the logits (R, V) of ``rows`` (R,)
+    of the tokens (None: all N). All on the device, no host sync: a CUDA graph can capture it
+    (``llmopt.scheduler.EnginePasses``)."""
     H, d = model.config.n_head, model.config.head_dim
     x = model.embed_tokens(ids[None])                                          # (1, N, E)
     if model.project_in is not None:
@@ -488,23 +503,19 @@ def paged_forward(model, cache: PagedKVCache, seq_ids, chunks, attention=None) -
             k = a.k_proj(h).view(-1, H, d)
             v = a.v_proj(h).view(-1, H, d)
             cache.write(i, slots, k, v)                                        # append before attending
-            o = attention(q, cache.k[i], cache.v[i], tables, ctx)              # (N, H, d)
-            return a.out_proj(o.reshape(1, -1, H * d))
+            return a.out_proj(attend(i, q).reshape(1, -1, H * d))              # (N, H, d) -> (1, N, D)
         if block.pre_ln:
             x = x + attn(block.attn_norm(x))
             x = x + block.mlp(block.mlp_norm(x))
         else:
             x = block.attn_norm(x + attn(x))
             x = block.mlp_norm(x + block.mlp(x))
-    for s, c in zip(seq_ids, counts):
-        cache.advance(s, c)
-    last = torch.tensor(counts).cumsum(0) - 1                                  # each sequence's last token
-    x = x[0, last.to(device)]                                                  # (S, D)
+    x = x[0] if rows is None else x[0, rows]                                   # (R, D)
     if model.final_layer_norm is not None:
         x = model.final_layer_norm(x)
     if model.project_out is not None:
         x = model.project_out(x)
-    return model.lm_head(x)                                                    # (S, V)
+    return model.lm_head(x)                                                    # (R, V)
 
 
 @torch.no_grad()

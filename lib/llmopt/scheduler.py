@@ -48,7 +48,7 @@ import time
 
 import torch
 
-from .paged_attention import PagedKVCache, paged_forward
+from .paged_attention import PagedKVCache, forward_tokens, paged_forward
 
 POLICIES = ("static", "continuous", "splitfuse")
 
@@ -509,35 +509,15 @@ class EnginePasses:
         return row
 
     def _step(self, b, kind):
-        from .gpt import POSITION_OFFSET
-        model, cache = self.model, self.cache
-        H, d = model.config.n_head, model.config.head_dim
-        x = model.embed_tokens(b["ids"][None])                                      # (1, N, E)
-        if model.project_in is not None:
-            x = model.project_in(x)
-        x = x + model.embed_positions(b["pos"][None] + POSITION_OFFSET)             # (1, N, D)
-        for i, block in enumerate(model.layers):
-            def attn(h, block=block, i=i):
-                a = block.attn
-                q = a.q_proj(h).view(-1, H, d)                                      # (N, H, d)
-                cache.write(i, b["slots"], a.k_proj(h).view(-1, H, d), a.v_proj(h).view(-1, H, d))
-                if kind == "decode":                                                # row s = sequence s
-                    o = self.attention(q, cache.k[i], cache.v[i], b["tables"], b["ctx"])
-                else:
-                    o = self.chunked(q, cache.k[i], cache.v[i], b["tables"], b["ctx"], b["cu"])
-                return a.out_proj(o.reshape(1, -1, H * d))
-            if block.pre_ln:
-                x = x + attn(block.attn_norm(x))
-                x = x + block.mlp(block.mlp_norm(x))
-            else:
-                x = block.attn_norm(x + attn(x))
-                x = block.mlp_norm(x + block.mlp(x))
-        x = x[0] if kind == "decode" else x[0, b["last"]]                          # (S, D) last tokens
-        if model.final_layer_norm is not None:
-            x = model.final_layer_norm(x)
-        if model.project_out is not None:
-            x = model.project_out(x)
-        b["out"].copy_(model.lm_head(x).argmax(-1))                                # (S,)
+        cache = self.cache
+
+        def attend(i, q):                                                           # q (N, H, d)
+            if kind == "decode":                                                    # row s = sequence s
+                return self.attention(q, cache.k[i], cache.v[i], b["tables"], b["ctx"])
+            return self.chunked(q, cache.k[i], cache.v[i], b["tables"], b["ctx"], b["cu"])
+        logits = forward_tokens(self.model, cache, b["ids"], b["pos"], b["slots"], attend,
+                                None if kind == "decode" else b["last"])           # (S, V)
+        b["out"].copy_(logits.argmax(-1))
 
     def _graph(self, N, S, kind):
         key = (N, S, kind)
