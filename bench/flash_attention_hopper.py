@@ -207,60 +207,54 @@ def work_step(job, quick):
     q, k, v = _inputs(B, N, d, dtype)
     do = torch.randn_like(q)
     out = {"sweep_fwd": [], "sweep_bwd": []}
-    best_f = (None, float("inf"))
-    fwd_tiles = job["fwd_tiles"] or [fwd_base.tiles()]
-    for i, tiles in enumerate(fwd_tiles):
-        if json.dumps(tiles) in job.get("failed", {}):
-            out["sweep_fwd"].append({"tiles": tiles, "error": job["failed"][json.dumps(tiles)]})
-            continue
-        if i > 0 and time.time() > t_end:
-            out["sweep_fwd"].append({"tiles": tiles, "skipped": "time budget"})
-            continue
-        cfg = dataclasses.replace(fwd_base, **dict(zip(("block_m", "block_n", "num_warps",
-                                                        "num_stages"), tiles)))
-        try:
-            ms = _time(lambda: fh.flash_attention_hopper_fwd(q, k, v, causal, None, cfg), quick)
-            tf = _tflops(B, N, d, causal, "fwd", ms, quick)
-            out["sweep_fwd"].append({"tiles": tiles, "fwd_tflops": tf})
-            if ms < best_f[1]:
-                best_f = (cfg, ms)
-        except Exception as e:
-            out["sweep_fwd"].append({"tiles": tiles, "error": _err(e)})
-            _sync_or_die()
-    o = lse = None
+
+    def sweep(kind, tiles_list, make_cfg, run, skip=lambda tiles: False):
+        """Time ``run(cfg)`` for each tile candidate into out["sweep_<kind>"]; the fastest (cfg, ms)."""
+        best = (None, float("inf"))
+        for i, tiles in enumerate(tiles_list):
+            if skip(tiles):
+                continue
+            if json.dumps(tiles) in job.get("failed", {}):
+                out[f"sweep_{kind}"].append({"tiles": tiles, "error": job["failed"][json.dumps(tiles)]})
+                continue
+            if i > 0 and time.time() > t_end:
+                out[f"sweep_{kind}"].append({"tiles": tiles, "skipped": "time budget"})
+                continue
+            cfg = make_cfg(tiles)
+            try:
+                ms = _time(lambda: run(cfg), quick)
+                out[f"sweep_{kind}"].append({"tiles": tiles, f"{kind}_tflops": _tflops(B, N, d, causal, kind, ms, quick)})
+                if ms < best[1]:
+                    best = (cfg, ms)
+            except Exception as e:
+                out[f"sweep_{kind}"].append({"tiles": tiles, "error": _err(e)})
+                _sync_or_die()
+        return best
+
+    best_f = sweep("fwd", job["fwd_tiles"] or [fwd_base.tiles()],
+                   lambda t: dataclasses.replace(fwd_base, **dict(zip(("block_m", "block_n", "num_warps",
+                                                                       "num_stages"), t))),
+                   lambda cfg: fh.flash_attention_hopper_fwd(q, k, v, causal, None, cfg))
     if best_f[0] is not None:
         o, lse = fh.flash_attention_hopper_fwd(q, k, v, causal, None, best_f[0])
     else:  # the forward does not compile: the backward runs on the base forward's output
         o, lse = fh.flash_attention_hopper_fwd(q, k, v, causal, None, fh.FwdConfig(
             **{**job["fallback_fwd"]}))
-    best_b = (None, float("inf"))
-    bwd_tiles = job["bwd_tiles"] or [bwd_base.tiles()]
     seen = set()
-    for i, tiles in enumerate(bwd_tiles):
-        if bwd_base.dq_atomic:  # the dQ pass's tiles do not matter then
-            if tuple(tiles[0]) in seen:
-                continue
-            seen.add(tuple(tiles[0]))
-        if json.dumps(tiles) in job.get("failed", {}):
-            out["sweep_bwd"].append({"tiles": tiles, "error": job["failed"][json.dumps(tiles)]})
-            continue
-        if i > 0 and time.time() > t_end:
-            out["sweep_bwd"].append({"tiles": tiles, "skipped": "time budget"})
-            continue
-        (a, b_, c, e_), (f_, g_, h_, i_) = tiles
-        cfg = dataclasses.replace(bwd_base, block_m1=a, block_n1=b_, num_warps1=c,
-                                  num_stages1=e_, block_m2=f_, block_n2=g_, num_warps2=h_,
-                                  num_stages2=i_)
-        try:
-            ms = _time(lambda: fh.flash_attention_hopper_bwd(q, k, v, o, lse, do, causal, None,
-                                                             cfg), quick)
-            tf = _tflops(B, N, d, causal, "bwd", ms, quick)
-            out["sweep_bwd"].append({"tiles": tiles, "bwd_tflops": tf})
-            if ms < best_b[1]:
-                best_b = (cfg, ms)
-        except Exception as e:
-            out["sweep_bwd"].append({"tiles": tiles, "error": _err(e)})
-            _sync_or_die()
+
+    def same_dkdv_tiles(tiles):  # with dQ in the dK/dV pass the dQ pass's tiles do not matter
+        if not bwd_base.dq_atomic:
+            return False
+        if tuple(tiles[0]) in seen:
+            return True
+        seen.add(tuple(tiles[0]))
+        return False
+    best_b = sweep("bwd", job["bwd_tiles"] or [bwd_base.tiles()],
+                   lambda t: dataclasses.replace(bwd_base, **dict(zip(
+                       ("block_m1", "block_n1", "num_warps1", "num_stages1",
+                        "block_m2", "block_n2", "num_warps2", "num_stages2"), [*t[0], *t[1]]))),
+                   lambda cfg: fh.flash_attention_hopper_bwd(q, k, v, o, lse, do, causal, None, cfg),
+                   skip=same_dkdv_tiles)
     if best_f[0] is not None:
         out["fwd_config"] = dataclasses.asdict(best_f[0])
         out["fwd_ms"] = best_f[1]                                       # the launcher alone
