@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import gen as _gen
+from . import linear_names, model_outputs, tiny_opt  # the whole-model checks' model, shared with the other lab
 
 from llmopt.viz.quant import correlated_inputs
 
@@ -144,27 +145,6 @@ def run_GPTQ(cls, case: dict) -> dict:
 
 # --- quantize_model(model, method, calib, bits, group_size) -> model -----------------------
 
-def tiny_opt(seed: int, layers: int = 2):
-    """A small HF OPTForCausalLM with weights drawn from ``seed`` (the same everywhere)."""
-    from transformers import OPTConfig, OPTForCausalLM
-    cfg = OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=layers, ffn_dim=64,
-                    num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)
-    model = OPTForCausalLM(cfg).eval()
-    g = _gen(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if "layer_norm" in name:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-    return model
-
-
-def linear_names(model) -> list[str]:
-    return [n for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and ".layers." in n]
-
-
 def inputs_quantize_model(seed: int) -> list[dict]:
     g = _gen(seed * 1000 + 6)
     calib = torch.randint(0, 128, (6, 24), generator=g)
@@ -177,11 +157,4 @@ def inputs_quantize_model(seed: int) -> list[dict]:
 def run_quantize_model(fn, case: dict) -> dict:
     model = tiny_opt(case["model_seed"], case["layers"])
     out = fn(model, case["method"], case["calib"].clone(), case["bits"], case["group_size"])
-    model = model if out is None else out
-    with torch.no_grad():
-        logits = model(case["ids"]).logits
-    mods = dict(model.named_modules())
-    res = {"logits": logits.float()}
-    for n in linear_names(model):
-        res["w." + n] = mods[n].weight.detach().float()
-    return res
+    return model_outputs(model if out is None else out, case["ids"])

@@ -18,6 +18,8 @@ from llmopt import sparsity as ref
 from llmopt.testing import compare
 
 from .. import static
+from . import model_output_spec as _model_outputs
+from . import not_finite as _not_finite
 from ..cases.hw01_compression import hessian, linear_names, tiny_opt
 
 # The sandbox shows these llmopt modules (and what they import); sparsity stays hidden.
@@ -39,17 +41,6 @@ _OUTPUT_CHANNELS = (" — the groups run along the output channels: n:m keeps n 
 _NOT_PER_GROUP = (" — n:m is a pattern, not a ratio: exactly n kept in every group of m "
                   "consecutive inputs of each row (a mask that is only n/m dense overall does not "
                   "run on sparse tensor cores)")
-
-
-def _not_finite(out: dict, hint: str = "") -> str | None:
-    for name, t in out.items():
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
-            bad = ~torch.isfinite(t)
-            kind = "NaN" if torch.isnan(t).any() else "inf"
-            idx = tuple(int(i) for i in bad.nonzero()[0])
-            return (f"{name} contains {kind} ({int(bad.sum())} of {t.numel()} entries, first at "
-                    f"index {idx}){hint}")
-    return None
 
 
 def _shape(got: torch.Tensor, shape, name="W_hat") -> str | None:
@@ -95,6 +86,20 @@ def _kept_unchanged(W, W_hat, what) -> str | None:
     return None
 
 
+def _first_checks(out, W, n, m, unchanged_by=None, finite_hint=""):
+    """What every pruner's W_hat is checked for first: finite, shaped like W, the kept weights
+    unchanged (pruners without an update: ``unchanged_by`` names the method), and with n:m the
+    pattern. Returns (message or None, keep mask)."""
+    got = out["W_hat"]
+    msg = (_not_finite(out, finite_hint) or _shape(got, W.shape)
+           or (unchanged_by and _kept_unchanged(W, got, unchanged_by)))
+    if msg:
+        return msg, None
+    keep = got != 0
+    msg = n and _nm_message(keep, n, m)
+    return ("W_hat: " + msg if msg else None), keep
+
+
 def _mismatch(keep, keep_ref) -> float:
     return float((keep != keep_ref).float().mean())
 
@@ -102,15 +107,10 @@ def _mismatch(keep, keep_ref) -> float:
 # --------------------------------------------------------------------------- magnitude
 def verify_magnitude_prune(case: dict, out: dict) -> str | None:
     W, s, n, m = case["W"], case["sparsity"], case["n"], case["m"]
-    got = out["W_hat"]
-    msg = _not_finite(out) or _shape(got, W.shape) or _kept_unchanged(W, got, "magnitude pruning")
+    msg, keep = _first_checks(out, W, n, m, unchanged_by="magnitude pruning")
     if msg:
         return msg
-    keep = got != 0
     if n:
-        msg = _nm_message(keep, n, m)
-        if msg:
-            return "W_hat: " + msg
         exp = ref.nm_mask(W, n, m)
         if not torch.equal(keep, exp):
             return (f"W_hat: {int((keep != exp).sum())} of {W.numel()} weights kept/pruned "
@@ -194,15 +194,10 @@ _WANDA_HINTS = {
 def verify_wanda_prune(case: dict, out: dict) -> str | None:
     W, X, s, n, m = case["W"], case["X"], case["sparsity"], case["n"], case["m"]
     got = out["W_hat"]
-    msg = _not_finite(out) or _shape(got, W.shape) or _kept_unchanged(W, got, "Wanda")
+    msg, keep = _first_checks(out, W, n, m, unchanged_by="Wanda")
     if msg:
         return msg
-    keep = got != 0
-    if n:
-        msg = _nm_message(keep, n, m)
-        if msg:
-            return "W_hat: " + msg
-    else:
+    if not n:
         want = _n_prune(s, W.shape[1])
         per_row = (~keep).sum(1)
         if (per_row != want).any():
@@ -241,17 +236,12 @@ def _verify_sparsegpt(case: dict, out: dict) -> str | None:
     W, X, s, n, m = case["W"], case["X"], case["sparsity"], case["n"], case["m"]
     B, pd, bits = case["block_size"], case["percdamp"], case["bits"]
     got = out["W_hat"]
-    msg = _not_finite(out, " — damp H: add λ = percdamp·mean(diag H) to its diagonal; dead inputs "
-                           "(H_jj = 0) get H_jj = 1 and zero weights") or _shape(got, W.shape)
+    msg, keep = _first_checks(out, W, n, m, finite_hint=" — damp H: add λ = percdamp·mean(diag H) to "
+                              "its diagonal; dead inputs (H_jj = 0) get H_jj = 1 and zero weights")
     if msg:
         return msg
-    keep = got != 0
     rows, cols = W.shape
-    if n:
-        msg = _nm_message(keep, n, m)
-        if msg:
-            return "W_hat: " + msg
-    else:
+    if not n:
         for i1, i2 in _blocks(cols, B):
             want = _n_prune(s, rows * (i2 - i1))
             zeros = int((~keep[:, i1:i2]).sum())
@@ -456,14 +446,6 @@ METHOD = {
 # --- what each run_X records: {key: (kind, shape)}, checked before anything is computed ----
 def _weight(case):
     return {"W_hat": ("float", (None, None))}
-
-
-def _model_outputs(case):
-    model = tiny_opt(case["model_seed"], case["layers"])
-    mods = dict(model.named_modules())
-    out = {"logits": ("float", (*case["ids"].shape, model.config.vocab_size))}
-    out.update({"w." + n: ("float", tuple(mods[n].weight.shape)) for n in linear_names(model)})
-    return out
 
 
 OUTPUTS = {

@@ -17,6 +17,8 @@ from llmopt import gptq as ref
 from llmopt.testing import compare
 
 from .. import static
+from . import model_output_spec as _model_outputs
+from . import not_finite as _not_finite
 from ..cases.lab07_gptq import linear_names, tiny_opt
 
 # The sandbox shows these llmopt modules (and what they import); gptq stays hidden.
@@ -29,18 +31,6 @@ ERR_RTOL = 0.02       # relative tolerance on the layer's output error ½ tr(D H
 
 _DAMPING = (" — a dead input (H_qq = 0) or an undamped H? Dead inputs get H_qq = 1 and zero "
             "weights; add λ = percdamp·mean(diag H) to the diagonal")
-
-
-def _not_finite(out: dict, hint: str = "") -> str | None:
-    """A message if an output holds NaN or ±inf (``x > tol`` is False for NaN: check first)."""
-    for name, t in out.items():
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
-            bad = ~torch.isfinite(t)
-            kind = "NaN" if torch.isnan(t).any() else "inf"
-            idx = tuple(int(i) for i in bad.nonzero()[0])
-            return (f"{name} contains {kind} ({int(bad.sum())} of {t.numel()} entries, first at "
-                    f"index {idx}){hint}")
-    return None
 
 
 def _shape_msg(out: dict, exp: tuple, names=("W_hat", "scale", "zero")) -> str | None:
@@ -369,14 +359,6 @@ def _quantized(inp, W="W"):
     groups = 1 if inp["group_size"] <= 0 else -(-cols // inp["group_size"])
     return {"W_hat": ("float", (rows, cols)), "scale": ("float", (rows, groups)),
             "zero": ("float", (rows, groups))}
-
-
-def _model_outputs(inp):
-    model = tiny_opt(inp["model_seed"], inp["layers"])
-    mods = dict(model.named_modules())
-    out = {"logits": ("float", (*inp["ids"].shape, model.config.vocab_size))}
-    out.update({"w." + n: ("float", tuple(mods[n].weight.shape)) for n in linear_names(model)})
-    return out
 
 
 OUTPUTS = {

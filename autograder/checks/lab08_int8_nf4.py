@@ -16,6 +16,7 @@ from llmopt import int8 as ref8
 from llmopt import nf4 as ref4
 from llmopt.testing import compare
 
+from . import not_finite as _not_finite
 from ..cases.lab08_int8_nf4 import make_state
 
 # The sandbox shows these llmopt modules (and what they import); int8 and nf4 stay hidden.
@@ -23,16 +24,6 @@ LLMOPT_VISIBLE = ["gpt", "data", "bench", "testing", "viz.quant4"]
 NEEDS_CORPUS = True           # part 6 measures perplexity on the course corpus
 
 TIE = 1e-5                    # "equally near" within float rounding, in units of the scaled value
-
-
-def _not_finite(out: dict, hint: str = "") -> str | None:
-    for name, t in out.items():
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not torch.isfinite(t).all():
-            bad = ~torch.isfinite(t)
-            kind = "NaN" if torch.isnan(t).any() else "inf"
-            idx = tuple(int(i) for i in bad.nonzero()[0])
-            return f"{name} contains {kind} ({int(bad.sum())} of {t.numel()} entries, first at index {idx}){hint}"
-    return None
 
 
 def _rel_err(out: torch.Tensor, exact: torch.Tensor) -> float:
