@@ -2,16 +2,19 @@
 continuous vs static batching.
 
     PYTHONPATH=lib python bench/paged_attention.py [--out bench/results] [--quick]
-    PYTHONPATH=lib python bench/paged_attention.py --sweep --only-attention --out DIR   # ~3 min
+    PYTHONPATH=lib python bench/paged_attention.py --sweep --only-attention --out DIR   # ~4 min
 
 1. Decode attention (one query per sequence), batch 64, 32 heads of d = 128, bf16, contexts
    512-8k tokens in blocks of 16 at shuffled physical places: ``paged_attention_triton``'s
    kernel with the library's choice (``_config``) against ``F.scaled_dot_product_attention``
    on a contiguous (B, H, n, d) cache of the same tokens, in the same process; medians of
-   CUDA events (single calls, and back to back: launch overhead hidden). Bytes read / time
-   gives the bandwidth. ``--sweep``: every config of ``SWEEP`` (tokens per step, warps,
-   split-KV slices, pipeline stages, heads per program, eviction hints, program order) at
-   every context, a table of paged / SDPA, written to ``paged_attention_sweep.json``.
+   CUDA events, three ways: each call captured in a CUDA graph and replayed (as an engine runs
+   a decode step; the headline), eager single calls (Python's launch work counts whenever
+   the GPU waits for it) and back to back (launch overhead hidden), plus the host's time per
+   eager call. Bytes read / time gives the bandwidth. ``--sweep``: every config of ``SWEEP``
+   (tokens per step, warps, split-KV slices, pipeline stages, heads per program, eviction
+   hints, program order, TMA loads) at every context, a table of paged / SDPA, written to
+   ``paged_attention_sweep.json`` (61 configs, ~4 min on an H200).
 2. KV memory holding tokens: a ShareGPT-like spread of request lengths (lognormal, mean
    ≈ 460 tokens), contiguous reservation of 2,048 tokens per request vs blocks of 16; and,
    while ``serve`` runs, the utilization of the blocks in use at every step.
@@ -41,15 +44,15 @@ OPT_125M = dict(vocab_size=50272, max_position_embeddings=2048, n_layer=12, n_he
                 d_model=768, d_ff=3072)
 
 
-def _cfg(block_n, warps, splits, stages, heads, evict=True, heads_first=True):
-    return pa._Config(block_n, warps, splits, stages, heads, evict, heads_first)
+def _cfg(block_n, warps, splits, stages, heads, evict=True, heads_first=True, tma=False):
+    return pa._Config(block_n, warps, splits, stages, heads, evict, heads_first, tma)
 
 
 # The sweep (--sweep): tokens per step, warps, splits, loop pipeline stages (None: not
 # pipelined), heads per program (G), eviction hints, program order. Tiles of BLOCK_N·G·d ≤
 # 8,192 elements per K and per V keep the registers in bounds (one 64 KB tile at 8 warps);
 # pipelined tiles sit in shared memory, ~2·(stages-1)·BLOCK_N·G·d·2 bytes per program;
-# programs = 64 rows · 32/G groups · splits.
+# programs = 64 rows · 32/G groups · splits. TMA (tma=True) needs BLOCK_N = the block size.
 SWEEP = [
     # not pipelined: the previous library choices (rows-first order, no hints), and a few others
     _cfg(32, 1, 4, None, 1, False, False),   # the previous library choice below 2k tokens
@@ -75,13 +78,19 @@ SWEEP = [
     # G = 32 = all heads: a block of 16 tokens is one 128 KB contiguous stream
     _cfg(1, 1, 32, 3, 32), _cfg(2, 2, 16, 3, 32), _cfg(2, 2, 32, 3, 32), _cfg(2, 2, 16, 4, 32),
     _cfg(4, 4, 16, 3, 32), _cfg(4, 4, 32, 3, 32), _cfg(8, 8, 16, 2, 32),
+    # one 16-token block per step, 2 stages: the picks of the graph-timed runs
+    _cfg(16, 2, 4, 2, 4), _cfg(16, 4, 8, 2, 8), _cfg(16, 4, 4, 2, 8), _cfg(16, 4, 16, 2, 8),
+    # TMA: the block's (16, G, d) box loaded by the copy engine
+    _cfg(16, 1, 8, 2, 1, tma=True), _cfg(16, 1, 8, 3, 2, tma=True), _cfg(16, 2, 8, 2, 4, tma=True),
+    _cfg(16, 2, 4, 2, 4, tma=True), _cfg(16, 4, 8, 2, 4, tma=True), _cfg(16, 4, 8, 2, 8, tma=True),
+    _cfg(16, 4, 4, 2, 8, tma=True), _cfg(16, 2, 16, 2, 4, tma=True), _cfg(16, 4, 16, 2, 8, tma=True),
 ]
 
 
 def config_spec(c) -> str:
-    """The --configs form of a config: 'block_n,warps,splits,stages,heads,evict,heads_first'."""
+    """The --configs form of a config: 'block_n,warps,splits,stages,heads,evict,heads_first,tma'."""
     return (f"{c.block_n},{c.num_warps},{c.splits},{c.num_stages},{c.heads},{int(c.evict)},"
-            f"{int(c.heads_first)}")
+            f"{int(c.heads_first)},{int(c.tma)}")
 
 
 def compile_only(spec: str) -> int:
@@ -126,18 +135,19 @@ def precompile(configs, workers: int = 8, timeout: float = 300.0):
 
 
 def parse_configs(text: str) -> list:
-    """'block_n,warps,splits,stages,heads,evict,heads_first;...' -> [pa._Config, ...]."""
+    """'block_n,warps,splits,stages,heads,evict,heads_first[,tma];...' -> [pa._Config, ...]."""
     out = []
     for item in filter(None, (x.strip() for x in text.split(";"))):
         f = [x.strip() for x in item.split(",")]
         out.append(pa._Config(int(f[0]), int(f[1]), int(f[2]), None if f[3] == "None" else int(f[3]),
-                              int(f[4]), bool(int(f[5])), bool(int(f[6]))))
+                              int(f[4]), bool(int(f[5])), bool(int(f[6])), len(f) > 7 and bool(int(f[7]))))
     return out
 
 
 def config_name(c) -> str:
     return (f"BLOCK_N={c.block_n}, warps={c.num_warps}, splits={c.splits}, stages={c.num_stages}, "
-            f"G={c.heads}, evict={int(c.evict)}, order={'heads' if c.heads_first else 'rows'}")
+            f"G={c.heads}, evict={int(c.evict)}, order={'heads' if c.heads_first else 'rows'}"
+            + (", TMA" if c.tma else ""))
 
 
 def attention_rows(contexts, configs=None, S=64, H=32, d=128, B=16, dtype=torch.bfloat16, device="cuda",
@@ -146,8 +156,12 @@ def attention_rows(contexts, configs=None, S=64, H=32, d=128, B=16, dtype=torch.
 
     ``configs`` None: only the library's choice (``_config``) per context; otherwise every
     config (plus the library's). ``ms``: median of single calls (CUDA events, as
-    ``time_ms``: the host's launch time counts when the GPU is idle); ``ms_b2b``: ``b2b``
-    calls back to back per timing / b2b (launch overhead hidden, the device time).
+    ``time_ms``: the host's launch time counts when the GPU is idle); ``ms_graph``: single
+    replays of the call captured in a CUDA graph (as an engine runs its decode step: the
+    host's launch work gone, the launch latency kept); ``ms_b2b``: ``b2b`` calls back to back
+    per timing / b2b (launch overhead hidden, the device time); ``host_us``: the host's time
+    per eager call (``host_us()``). The best config per context is the fastest in ``ms_graph``
+    (on a GPU).
     ``budget_s``: past it, the remaining configs are timed with fewer reps and no b2b.
     """
     rows = []
@@ -168,15 +182,18 @@ def attention_rows(contexts, configs=None, S=64, H=32, d=128, B=16, dtype=torch.
         nbytes = 2 * S * n * H * d * kc.element_size()
 
         def timed(fn, fast=False):
-            ms = time_ms(fn, warmup=reps[0], rep=reps[1] if not fast else max(3, reps[1] // 5))
+            rep = reps[1] if not fast else max(3, reps[1] // 5)
+            ms = time_ms(fn, warmup=reps[0], rep=rep)
+            ms_graph = time_ms(graphed(fn), warmup=reps[0], rep=rep) if device == "cuda" else None
             if not b2b or fast:
-                return ms, None
+                return ms, None, ms_graph, None
             many = lambda: [fn() for _ in range(b2b)]  # noqa: E731
-            return ms, time_ms(many, warmup=1, rep=max(2, reps[1] // 5)) / b2b
+            return ms, time_ms(many, warmup=1, rep=max(2, reps[1] // 5)) / b2b, ms_graph, host_us(fn)
 
-        ms_sdpa, b2b_sdpa = timed(sdpa)
+        ms_sdpa, b2b_sdpa, graph_sdpa, host_sdpa = timed(sdpa)
         rows.append(dict(meta, context=n, impl="sdpa contiguous", ms=ms_sdpa, ms_b2b=b2b_sdpa,
-                         gbps=gbps(nbytes, ms_sdpa)))
+                         ms_graph=graph_sdpa, host_us=host_sdpa, gbps=gbps(nbytes, ms_sdpa),
+                         gbps_graph=graph_sdpa and gbps(nbytes, graph_sdpa)))
         library = pa._config(n)
         todo = list(configs or []) + ([library] if library not in (configs or []) else [])
         per_ctx = []
@@ -187,7 +204,7 @@ def attention_rows(contexts, configs=None, S=64, H=32, d=128, B=16, dtype=torch.
                 run()
                 err = (o.float() - expected).abs().max().item()
                 fast = budget_s is not None and time.perf_counter() - t_start > budget_s
-                ms, ms_b2b = timed(run, fast)
+                ms, ms_b2b, ms_graph, host = timed(run, fast)
             except Exception as e:  # noqa: BLE001
                 print(f"context {n}: {config_name(cfg)} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 rows.append(dict(meta, context=n, impl=f"triton paged ({config_name(cfg)})",
@@ -196,26 +213,30 @@ def attention_rows(contexts, configs=None, S=64, H=32, d=128, B=16, dtype=torch.
             groups = -(-H // min(cfg.heads, 1 << (H - 1).bit_length()))
             row = dict(meta, context=n, impl=f"triton paged ({config_name(cfg)})", config=cfg._asdict(),
                        library=cfg == library, programs=S * groups * cfg.splits,
-                       ms=ms, ms_b2b=ms_b2b, max_abs_err=err, gbps=gbps(nbytes, ms),
+                       ms=ms, ms_b2b=ms_b2b, ms_graph=ms_graph, host_us=host, max_abs_err=err,
+                       gbps=gbps(nbytes, ms),
+                       gbps_graph=ms_graph and gbps(nbytes, ms_graph),
                        speedup_vs_sdpa=ms_sdpa / ms,
-                       speedup_vs_sdpa_b2b=None if ms_b2b is None else b2b_sdpa / ms_b2b)
+                       speedup_vs_sdpa_b2b=None if ms_b2b is None else b2b_sdpa / ms_b2b,
+                       speedup_vs_sdpa_graph=ms_graph and graph_sdpa / ms_graph)
             rows.append(row)
             per_ctx.append(row)
         right = [r for r in per_ctx if r["max_abs_err"] < 0.05]
         if not right:
             continue
-        best = min(right, key=lambda r: r["ms"])
+        best = min(right, key=lambda r: r["ms_graph"] or r["ms"])
         lib = next((r for r in per_ctx if r["library"]), best)
-        rows.append(dict(meta, context=n, impl="triton paged (best)", ms=best["ms"], config=best["config"],
-                         max_abs_err=best["max_abs_err"], gbps=best["gbps"],
-                         speedup_vs_sdpa=best["speedup_vs_sdpa"], speedup_vs_sdpa_b2b=best["speedup_vs_sdpa_b2b"]))
-        rows.append(dict(meta, context=n, impl="triton paged (library)", ms=lib["ms"], config=lib["config"],
-                         max_abs_err=lib["max_abs_err"], gbps=lib["gbps"],
-                         speedup_vs_sdpa=lib["speedup_vs_sdpa"], speedup_vs_sdpa_b2b=lib["speedup_vs_sdpa_b2b"]))
+        keep = ("ms", "ms_b2b", "ms_graph", "host_us", "config", "max_abs_err", "gbps", "gbps_graph",
+                "speedup_vs_sdpa", "speedup_vs_sdpa_b2b", "speedup_vs_sdpa_graph")
+        for name, r in (("best", best), ("library", lib)):
+            rows.append(dict(meta, context=n, impl=f"triton paged ({name})", **{k: r[k] for k in keep}))
         wrong = [r["impl"] for r in per_ctx if not r["max_abs_err"] < 0.05]
+        graph = (f"; graphed: sdpa {graph_sdpa:.3f} ms, best {best['ms_graph']:.3f} ms = "
+                 f"{best['speedup_vs_sdpa_graph']:.2f}x, library {lib['speedup_vs_sdpa_graph']:.2f}x"
+                 if graph_sdpa else "")
         print(f"context {n:5d}: sdpa {ms_sdpa:.3f} ms ({gbps(nbytes, ms_sdpa):.0f} GB/s); best "
               f"{best['ms']:.3f} ms = {best['speedup_vs_sdpa']:.2f}x, {best['gbps']:.0f} GB/s "
-              f"[{best['impl']}]; library {lib['speedup_vs_sdpa']:.2f}x; "
+              f"[{best['impl']}]; library {lib['speedup_vs_sdpa']:.2f}x{graph}; "
               f"{time.perf_counter() - t_start:.0f} s" + (f"; WRONG: {wrong}" if wrong else ""), flush=True)
         del k, v, kc, vc
         if device == "cuda":
@@ -226,27 +247,28 @@ def attention_rows(contexts, configs=None, S=64, H=32, d=128, B=16, dtype=torch.
 
 
 def print_sweep(rows):
-    """A table of paged / SDPA per config (rows) and context (columns), best marked with *."""
+    """A table of paged / SDPA per config (rows) and context (columns): CUDA-graph replays (on
+    a GPU; the pick of _CONFIGS, best marked with *), eager single calls and back to back."""
     att = [r for r in rows if r.get("part") == "attention" and "programs" in r and r["max_abs_err"] < 0.05]
     contexts = sorted({r["context"] for r in att})
     names = list(dict.fromkeys(r["impl"] for r in att))
     cell = {(r["impl"], r["context"]): r for r in att}
-    best = {n: max((r for r in att if r["context"] == n), key=lambda r: r["speedup_vs_sdpa"])["impl"]
-            for n in contexts}
-    print("\npaged / SDPA (single calls; in brackets: back to back, launch overhead hidden); "
-          "* best per context")
-    print(f"{'config':84s}" + "".join(f"{n:>15d}" for n in contexts) + f"{'geo-mean':>10s}")
+    main = lambda r: r.get("speedup_vs_sdpa_graph") or r["speedup_vs_sdpa"]  # noqa: E731
+    best = {n: max((r for r in att if r["context"] == n), key=main)["impl"] for n in contexts}
+    print("\npaged / SDPA: graph replays | eager single calls | back to back (launch overhead "
+          "hidden); * best per context")
+    print(f"{'config':84s}" + "".join(f"{n:>20d}" for n in contexts) + f"{'geo-mean':>10s}")
     for name in names:
         cells, logs = [], []
         for n in contexts:
             r = cell.get((name, n))
             if r is None:
-                cells.append(f"{'-':>15s}")
+                cells.append(f"{'-':>20s}")
                 continue
-            b = r["speedup_vs_sdpa_b2b"]
             star = "*" if best[n] == name else " "
-            cells.append(f"{r['speedup_vs_sdpa']:8.2f}{star}" + (f"({b:.2f})" if b else "      "))
-            logs.append(math.log(r["speedup_vs_sdpa"]))
+            parts = [main(r), r["speedup_vs_sdpa"], r["speedup_vs_sdpa_b2b"]]
+            cells.append(f"{parts[0]:6.2f}{star}" + "".join(f"{x:6.2f}" if x else "     -" for x in parts[1:]))
+            logs.append(math.log(main(r)))
         geo = math.exp(sum(logs) / len(logs)) if logs else float("nan")
         lib = " [library]" if any(cell.get((name, n), {}).get("library") for n in contexts) else ""
         print(f"{(name[len('triton paged ('):-1] + lib):84s}" + "".join(cells) + f"{geo:10.3f}")
@@ -254,7 +276,33 @@ def print_sweep(rows):
     for n in contexts:
         r = cell[(best[n], n)]
         args = ", ".join(f"{k}={v!r}" for k, v in r["config"].items())
-        print(f"    ({n}, _Config({args})),  # {r['speedup_vs_sdpa']:.2f}x, {r['gbps']:.0f} GB/s")
+        print(f"    ({n}, _Config({args})),  # {main(r):.2f}x, {r.get('gbps_graph') or r['gbps']:.0f} GB/s")
+
+
+def host_us(fn, calls: int = 50) -> float:
+    """The host's time per call in us: ``calls`` calls queued without waiting for the GPU
+    (Python, argument binding, launches), then one sync."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t = time.perf_counter() - t0
+    sync()
+    return t / calls * 1e6
+
+
+def graphed(fn):
+    """``fn`` captured once in a CUDA graph; returns the graph's replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()                                    # compiled and warm before the capture
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
 
 
 def workload(n_req, seed=0, max_len=2048):

@@ -48,6 +48,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .gpt import POSITION_OFFSET
 
@@ -277,7 +278,7 @@ def _paged_attention_kernel(Q, K, V, O, Tables, Lens, Part, scale,
                             BLOCK_N: tl.constexpr, HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr,
                             SPLIT_ALIGN: tl.constexpr, HEADS_FIRST: tl.constexpr,
                             KV_POLICY: tl.constexpr, TABLE_POLICY: tl.constexpr,
-                            LOOP_STAGES: tl.constexpr, UPCAST: tl.constexpr):
+                            LOOP_STAGES: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
     # One program per (row s, group of HEADS = G adjacent heads, split); BLOCK_N tokens per
     # step. A token's keys sit in the cache as (H, d) rows side by side, so the G heads of a
     # group are G·d contiguous elements per token (G = 1: one 256-byte row of bf16; G = H: the
@@ -289,6 +290,9 @@ def _paged_attention_kernel(Q, K, V, O, Tables, Lens, Part, scale,
     # LOOP_STAGES > 1: Triton software-pipelines the loop's loads (tl.range's num_stages:
     # cp.async into shared memory, LOOP_STAGES - 1 steps ahead); unpipelined, the same tiles
     # ran at 0.4x SDPA's speed in bench/paged_attention.py's sweep on an H200.
+    # TMA (Hopper and later): K and V are tensor descriptors over the cache viewed as
+    # (num_blocks·B, H, d); a step is one physical block, loaded as one (B, G, D) box by the
+    # copy engine (cp.async.bulk.tensor) instead of B·G·D/8 16-byte loads from the threads.
     n_groups = tl.cdiv(H, HEADS)
     pid = tl.program_id(0)
     if HEADS_FIRST:   # neighbouring programs: the head groups of one row (they read the same blocks)
@@ -317,12 +321,17 @@ def _paged_attention_kernel(Q, K, V, O, Tables, Lens, Part, scale,
     for start in tl.range(lo, hi, BLOCK_N, num_stages=LOOP_STAGES):
         t = start + offs_n                                              # (N, 1, 1) logical positions
         valid = t < hi
-        block = tl.load(Tables + s * stride_ts + t // BLOCK_SIZE, mask=valid, other=0,
-                        eviction_policy=TABLE_POLICY)                   # (N, 1, 1) physical blocks
-        ptrs = block.to(tl.int64) * stride_kb + (t % BLOCK_SIZE) * stride_kt + hd   # (N, G, D)
-        kv_mask = valid & mask_hd
-        k = tl.load(K + ptrs, mask=kv_mask, other=0.0, eviction_policy=KV_POLICY)  # K_j (N, G, D)
-        v = tl.load(V + ptrs, mask=kv_mask, other=0.0, eviction_policy=KV_POLICY)  # V_j (N, G, D)
+        if TMA:                                                         # BLOCK_N == BLOCK_SIZE
+            block = tl.load(Tables + s * stride_ts + start // BLOCK_SIZE)   # this step's physical block
+            k = K.load([block * BLOCK_SIZE, grp * HEADS, 0])            # K_j (N, G, D)
+            v = V.load([block * BLOCK_SIZE, grp * HEADS, 0])            # V_j (N, G, D)
+        else:
+            block = tl.load(Tables + s * stride_ts + t // BLOCK_SIZE, mask=valid, other=0,
+                            eviction_policy=TABLE_POLICY)               # (N, 1, 1) physical blocks
+            ptrs = block.to(tl.int64) * stride_kb + (t % BLOCK_SIZE) * stride_kt + hd   # (N, G, D)
+            kv_mask = valid & mask_hd
+            k = tl.load(K + ptrs, mask=kv_mask, other=0.0, eviction_policy=KV_POLICY)  # K_j (N, G, D)
+            v = tl.load(V + ptrs, mask=kv_mask, other=0.0, eviction_policy=KV_POLICY)  # V_j (N, G, D)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -397,20 +406,21 @@ class _Config(NamedTuple):
     heads: int = 1                  # HEADS = G: adjacent heads per program, a power of 2
     evict: bool = False             # K/V loads evict_first (each is read once), tables evict_last
     heads_first: bool = False       # neighbouring program ids = the head groups of one row
+    tma: bool = False               # load each block with TMA (block_n = block size; sm90+)
 
 
 # The library's choice by table width (the longest context the tables can hold, in tokens):
 # the first entry whose bound is >= the width (None: any). The best of bench/paged_attention.py
 # --sweep on an H200 (batch 64, 32 heads of 128, bf16, blocks of 16; bench/results/
-# paged_attention_sweep.json). Decode reads each K/V row once, so small tiles, several slices
-# per row and a software-pipelined loop (num_stages) keep the most loads in flight; without
-# the pipelining (num_stages=None) the same tiles ran at 0.4x SDPA in that sweep.
+# paged_attention_sweep.json), timed as an engine runs a decode step (a CUDA graph's replay)
+# and checked eager: one 16-token block per step, 4-8 adjacent heads (1-2 KB contiguous per
+# token), a software-pipelined loop (num_stages=2: the next block's loads in flight while this
+# one is used; without it the same tiles ran at 0.4x SDPA) and split-KV slices. TMA loads
+# (tma=True) were as fast in graphs and slower eager (their descriptors are encoded on the
+# host at every launch).
 _CONFIGS = (
-    (512, _Config(block_n=8, num_warps=8, splits=16, num_stages=2, heads=32, evict=True, heads_first=True)),  # 512: 0.79x SDPA, 2793 GB/s
-    (1024, _Config(block_n=16, num_warps=2, splits=8, num_stages=2, heads=4, evict=True, heads_first=True)),  # 1024: 0.86x SDPA, 3560 GB/s
-    (2048, _Config(block_n=16, num_warps=2, splits=8, num_stages=2, heads=4, evict=True, heads_first=True)),  # 2048: 0.98x SDPA, 3972 GB/s
-    (4096, _Config(block_n=8, num_warps=1, splits=8, num_stages=3, heads=4, evict=True, heads_first=True)),  # 4096: 0.95x SDPA, 4242 GB/s
-    (None, _Config(block_n=32, num_warps=1, splits=8, num_stages=3, heads=1, evict=True, heads_first=True)),  # 8192: 0.98x SDPA, 4340 GB/s
+    (1024, _Config(block_n=16, num_warps=2, splits=4, num_stages=2, heads=4, evict=True, heads_first=True)),  # 512: 0.94x, 1k: 0.93x SDPA
+    (None, _Config(block_n=16, num_warps=4, splits=8, num_stages=2, heads=8, evict=True, heads_first=True)),  # 2k-8k: 0.96, 0.98, 1.00x
 )
 # the interpreter (CPU): large tiles and all heads in one program are the fastest
 _INTERPRETER_CONFIG = _Config(block_n=64, num_warps=4, heads=64, heads_first=True)
@@ -425,7 +435,7 @@ def _config(width: int) -> _Config:
 
 
 def _launch(q, k_cache, v_cache, o, tables, lens, scale, block_n, num_warps, splits=1,
-            num_stages=None, heads=1, evict=False, heads_first=False):
+            num_stages=None, heads=1, evict=False, heads_first=False, tma=False):
     """Run the kernel (and the combine kernel if splits > 1) into ``o``; the knobs are _Config's."""
     S, H, d = q.shape
     B = k_cache.shape[1]
@@ -434,14 +444,19 @@ def _launch(q, k_cache, v_cache, o, tables, lens, scale, block_n, num_warps, spl
     block_d = triton.next_power_of_2(d)
     part = (torch.empty(S, H, splits, block_d + 2, device=q.device, dtype=torch.float32)
             if splits > 1 else o)
+    K, V = k_cache, v_cache
+    if tma:
+        assert block_n == B and block_d == d and H % G == 0, "tma: block_n = block size, d and G powers of 2"
+        K = TensorDescriptor.from_tensor(k_cache.view(-1, H, d), [B, G, d])
+        V = TensorDescriptor.from_tensor(v_cache.view(-1, H, d), [B, G, d])
     _paged_attention_kernel[(S * triton.cdiv(H, G), splits)](
-        q, k_cache, v_cache, o, tables, lens, part, scale,
+        q, K, V, o, tables, lens, part, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         tables.stride(0), o.stride(0), o.stride(1), S, H,
         BLOCK_SIZE=B, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n, HEADS=G, NUM_SPLITS=splits,
         SPLIT_ALIGN=math.lcm(block_n, B), HEADS_FIRST=heads_first,
         KV_POLICY="evict_first" if evict else "", TABLE_POLICY="evict_last" if evict else "",
-        LOOP_STAGES=num_stages or 1, UPCAST=_interpreting() or q.dtype == torch.float32,
+        LOOP_STAGES=num_stages or 1, UPCAST=_interpreting() or q.dtype == torch.float32, TMA=tma,
         num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}))
     if splits > 1:
