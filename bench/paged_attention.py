@@ -35,6 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from llmopt import paged_attention as pa
 from llmopt.bench import gbps, time_ms, write_results
@@ -190,6 +192,10 @@ def attention_rows(contexts, configs=None, S=64, H=32, d=128, B=16, dtype=torch.
             many = lambda: [fn() for _ in range(b2b)]  # noqa: E731
             return ms, time_ms(many, warmup=1, rep=max(2, reps[1] // 5)) / b2b, ms_graph, host_us(fn)
 
+        if device == "cuda":    # the bandwidth roof: the same bytes read once by a kernel doing nothing else
+            ms_roof = time_ms(graphed(lambda: (read_all(kc), read_all(vc))), warmup=reps[0], rep=reps[1])
+            rows.append(dict(meta, context=n, impl="read roof (K and V read once)", ms_graph=ms_roof,
+                             gbps_graph=gbps(nbytes, ms_roof)))
         ms_sdpa, b2b_sdpa, graph_sdpa, host_sdpa = timed(sdpa)
         rows.append(dict(meta, context=n, impl="sdpa contiguous", ms=ms_sdpa, ms_b2b=b2b_sdpa,
                          ms_graph=graph_sdpa, host_us=host_sdpa, gbps=gbps(nbytes, ms_sdpa),
@@ -231,7 +237,7 @@ def attention_rows(contexts, configs=None, S=64, H=32, d=128, B=16, dtype=torch.
         for name, r in (("best", best), ("library", lib)):
             rows.append(dict(meta, context=n, impl=f"triton paged ({name})", **{k: r[k] for k in keep}))
         wrong = [r["impl"] for r in per_ctx if not r["max_abs_err"] < 0.05]
-        graph = (f"; graphed: sdpa {graph_sdpa:.3f} ms, best {best['ms_graph']:.3f} ms = "
+        graph = (f"; graphed: roof {gbps(nbytes, ms_roof):.0f} GB/s, sdpa {graph_sdpa:.3f} ms, best {best['ms_graph']:.3f} ms = "
                  f"{best['speedup_vs_sdpa_graph']:.2f}x, library {lib['speedup_vs_sdpa_graph']:.2f}x"
                  if graph_sdpa else "")
         print(f"context {n:5d}: sdpa {ms_sdpa:.3f} ms ({gbps(nbytes, ms_sdpa):.0f} GB/s); best "
@@ -277,6 +283,22 @@ def print_sweep(rows):
         r = cell[(best[n], n)]
         args = ", ".join(f"{k}={v!r}" for k, v in r["config"].items())
         print(f"    ({n}, _Config({args})),  # {main(r):.2f}x, {r.get('gbps_graph') or r['gbps']:.0f} GB/s")
+
+
+@triton.jit
+def _read_kernel(X, Out, n, BLOCK: tl.constexpr):
+    # each program sums BLOCK elements: every byte read once, one float written per 16 KB
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + offs, mask=offs < n, other=0.0, eviction_policy="evict_first")
+    tl.store(Out + pid, tl.sum(x.to(tl.float32), axis=0))
+
+
+def read_all(x, block: int = 8192):
+    """Read every element of ``x`` once (partial sums per block): the bandwidth roof."""
+    out = torch.empty(triton.cdiv(x.numel(), block), device=x.device, dtype=torch.float32)
+    _read_kernel[(out.numel(),)](x, out, x.numel(), BLOCK=block, num_warps=8)
+    return out
 
 
 def host_us(fn, calls: int = 50) -> float:
