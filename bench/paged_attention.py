@@ -40,6 +40,7 @@ import triton.language as tl
 
 from llmopt import paged_attention as pa
 from llmopt.bench import gbps, time_ms, write_results
+from llmopt.cuda_graph import capture
 from llmopt.gpt import GPT, GPTConfig
 
 OPT_125M = dict(vocab_size=50272, max_position_embeddings=2048, n_layer=12, n_head=12,
@@ -186,14 +187,14 @@ def attention_rows(contexts, configs=None, S=64, H=32, d=128, B=16, dtype=torch.
         def timed(fn, fast=False):
             rep = reps[1] if not fast else max(3, reps[1] // 5)
             ms = time_ms(fn, warmup=reps[0], rep=rep)
-            ms_graph = time_ms(graphed(fn), warmup=reps[0], rep=rep) if device == "cuda" else None
+            ms_graph = time_ms(capture(fn).replay, warmup=reps[0], rep=rep) if device == "cuda" else None
             if not b2b or fast:
                 return ms, None, ms_graph, None
             many = lambda: [fn() for _ in range(b2b)]  # noqa: E731
             return ms, time_ms(many, warmup=1, rep=max(2, reps[1] // 5)) / b2b, ms_graph, host_us(fn)
 
         if device == "cuda":    # the bandwidth roof: the same bytes read once by a kernel doing nothing else
-            ms_roof = time_ms(graphed(lambda: (read_all(kc), read_all(vc))), warmup=reps[0], rep=reps[1])
+            ms_roof = time_ms(capture(lambda: (read_all(kc), read_all(vc))).replay, warmup=reps[0], rep=reps[1])
             rows.append(dict(meta, context=n, impl="read roof (K and V read once)", ms_graph=ms_roof,
                              gbps_graph=gbps(nbytes, ms_roof)))
         ms_sdpa, b2b_sdpa, graph_sdpa, host_sdpa = timed(sdpa)
@@ -312,19 +313,6 @@ def host_us(fn, calls: int = 50) -> float:
     t = time.perf_counter() - t0
     sync()
     return t / calls * 1e6
-
-
-def graphed(fn):
-    """``fn`` captured once in a CUDA graph; returns the graph's replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()                                    # compiled and warm before the capture
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
 
 
 def workload(n_req, seed=0, max_len=2048):

@@ -31,6 +31,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .cuda_graph import capture
+
 
 class KVCache:
     """Preallocated keys and values for every layer: ``k``, ``v`` are (L, B, H, T_max, d)."""
@@ -221,15 +223,7 @@ def generate_static(model, input_ids: torch.Tensor, max_new_tokens: int, eos_id:
 
     replay = step
     if cuda_graph if cuda_graph is not None else input_ids.is_cuda:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up outside the capture (allocations, library handles)
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        replay = graph.replay
+        replay = capture(step).replay
         token.copy_(first)  # the warm-up and the capture moved them: back to the first step
         pos.fill_(T)
     out = [first]

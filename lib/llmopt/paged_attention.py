@@ -446,7 +446,7 @@ def _launch(q, k_cache, v_cache, o, tables, lens, scale, block_n, num_warps, spl
             if splits > 1 else o)
     K, V = k_cache, v_cache
     if tma:
-        assert block_n == B and block_d == d and H % G == 0, "tma: block_n = block size, d and G powers of 2"
+        assert block_n == B and block_d == d and H % G == 0, "tma: block_n = block size, d a power of 2, G divides H"
         K = TensorDescriptor.from_tensor(k_cache.view(-1, H, d), [B, G, d])
         V = TensorDescriptor.from_tensor(v_cache.view(-1, H, d), [B, G, d])
     _paged_attention_kernel[(S * triton.cdiv(H, G), splits)](

@@ -48,6 +48,7 @@ import time
 
 import torch
 
+from .cuda_graph import capture
 from .paged_attention import PagedKVCache, forward_tokens, paged_forward
 
 POLICIES = ("static", "continuous", "splitfuse")
@@ -523,15 +524,7 @@ class EnginePasses:
         key = (N, S, kind)
         if key not in self.graphs:
             b = self._buffers(N, S, pinned=True)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):              # warm up outside the capture
-                self._step(b, kind)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._step(b, kind)
-            self.graphs[key] = (b, graph)
+            self.graphs[key] = (b, capture(lambda: self._step(b, kind)))
         return self.graphs[key]
 
     def __call__(self, seq_ids, chunks) -> list[int]:
